@@ -1,0 +1,85 @@
+"""`voco` command line: demo | pretrain | finetune | phantom | fetch | weights | tasks.
+
+Each subcommand parses its arguments here and hands them to one function in the module that owns the
+concept (imported lazily, so `voco --help` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+
+def _handler(target: str) -> Callable[[argparse.Namespace], int | None]:
+    module, func = target.split(":")
+
+    def run(args: argparse.Namespace) -> int | None:
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="voco", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo", help="run the demo notebooks (cpu profile) into a run directory and report")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--profile", default="cpu")
+    s.set_defaults(func=_handler("voco_lib.demo:cli_demo"))
+
+    s = sub.add_parser("pretrain", help="VoCo pre-training (one process or under torchrun)")
+    s.add_argument("--profile", default="cpu")
+    s.add_argument("--data", default="phantom", help="phantom | samples | path to an MSD-style datalist JSON")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. steps=100 views.n_random=4)")
+    s.set_defaults(func=_handler("voco_lib.pretrain:cli_pretrain"))
+
+    s = sub.add_parser("finetune", help="fine-tune on a downstream task from the registry")
+    s.add_argument("task")
+    s.add_argument("--init", default="scratch", help="scratch | voco-b | voco-l | voco-h | RUN_DIR | PATH")
+    s.add_argument("--profile", default="cpu")
+    s.add_argument("--out", default=None)
+    s.add_argument("--n-labeled", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resume", action="store_true")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=_handler("voco_lib.tasks:cli_finetune"))
+
+    s = sub.add_parser("phantom", help="write procedural torso phantoms and an MSD-style datalist")
+    s.add_argument("--n", type=int, default=32)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_handler("voco_lib.data.phantom:cli_phantom"))
+
+    s = sub.add_parser("fetch", help="download a dataset or the real sample CTs (checksummed)")
+    s.add_argument("what", help="samples | a dataset manifest name")
+    s.add_argument("--out", default=None, help="data root (default: $VOCO_DATA_DIR or ~/.cache/voco)")
+    s.set_defaults(func=_handler("voco_lib.data.fetch:cli_fetch"))
+
+    s = sub.add_parser("weights", help="released VoCo checkpoints: list | fetch NAME | inspect PATH")
+    s.add_argument("action", choices=["list", "fetch", "inspect"])
+    s.add_argument("target", nargs="?")
+    s.add_argument("--out", default=None)
+    s.set_defaults(func=_handler("voco_lib.checkpoints:cli_weights"))
+
+    s = sub.add_parser("tasks", help="the downstream task registry")
+    s.add_argument("action", choices=["list"])
+    s.set_defaults(func=_handler("voco_lib.tasks.registry:cli_tasks"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"voco {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Dataclass configs: the TPAMI/CVPR view presets and the named run profiles.
+
+One config path: a named profile plus `key=value` overrides (see `resolve`). The environment variable
+`VOCO_PROFILE` lets CI force the `smoke` profile everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+Triple = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """Geometry and per-crop augmentation of VoCo's views.
+
+    The region is tiled by `grid` base crops; random crops have the base-crop size (as upstream) unless
+    `crop` says otherwise, and may be resized to `out_size` (CVPR resizes 96³ crops to 64³).
+    Augmentation probabilities follow the authors' TPAMI code (method spec §1.2).
+    """
+
+    region: Triple = (192, 192, 64)
+    grid: Triple = (3, 3, 1)
+    crop: Triple | None = None  # None: region // grid (the base-crop size)
+    out_size: Triple | None = None  # None: no resize
+    n_random: int = 2  # S, random crops per volume
+    augment: bool = True
+    flip_p: float = 0.2  # per spatial axis
+    rot90_p: float = 0.2  # k in {1,2,3}, axial plane
+    shift_p: float = 0.5
+    shift_offset: float = 0.1
+
+    @property
+    def base_size(self) -> Triple:
+        return tuple(r // g for r, g in zip(self.region, self.grid))  # type: ignore[return-value]
+
+    @property
+    def crop_size(self) -> Triple:
+        return self.crop if self.crop is not None else self.base_size
+
+    @property
+    def n_bases(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def __post_init__(self) -> None:
+        for r, g in zip(self.region, self.grid):
+            if g < 1 or r % g:
+                raise ValueError(f"region {self.region} is not divisible by grid {self.grid}")
+        if any(c > r for c, r in zip(self.crop_size, self.region)):
+            raise ValueError(f"crop {self.crop_size} is larger than region {self.region}")
+
+
+PRESETS: dict[str, ViewConfig] = {
+    # TPAMI: 3x3x1 grid of 64³ base crops over 192x192x64 (method spec §1.1).
+    "tpami": ViewConfig(),
+    # CVPR 2024: 4x4x1 grid of 96³ over 384x384x96, every crop resized to 64³; shift p=0.1 (spec §1.7).
+    "cvpr": ViewConfig(region=(384, 384, 96), grid=(4, 4, 1), out_size=(64, 64, 64), shift_p=0.1),
+}
+
+
+def view_preset(name_or_config: str | ViewConfig) -> ViewConfig:
+    if isinstance(name_or_config, ViewConfig):
+        return name_or_config
+    try:
+        return PRESETS[name_or_config.lower()]
+    except KeyError:
+        raise ValueError(f"unknown view preset {name_or_config!r}; choose one of {sorted(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and variant of the VoCo loss (method spec §3)."""
+
+    variant: str = "tpami"  # "tpami": intra + inter + reg; "cvpr": symmetrised intra, squared negatives, reg
+    w_intra: float = 1.0
+    w_inter: float = 1.0
+    w_reg: float = 1.0
+    form: str = "code"  # "code": the released code's losses; "paper": the paper's equations (spec §3.9)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Projection heads and EMA teacher (method spec §2.3–2.4)."""
+
+    hidden_dim: int = 1024
+    out_dim: int = 1024
+    ema_momentum: float = 0.9
+    teacher_init: str = "random"  # upstream: independently random; "copy" starts equal to the student
+    dropout_p: float = 0.2
+    dropout_mode: str = "sample"  # "sample": upstream Dropout1d on (N, D) drops whole rows; "feature": per feature
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named run profile: where it runs and what it costs. Later modules add their own sections."""
+
+    name: str
+    views: ViewConfig
+    feature_size: int
+    batch_size: int  # volumes per step (per process)
+    n_volumes: int  # phantoms generated for the run
+    steps: int
+    loss: LossConfig = field(default_factory=LossConfig)
+    heads: HeadConfig = field(default_factory=HeadConfig)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        "smoke", ViewConfig(region=(64, 64, 32), grid=(2, 2, 1), n_random=2), feature_size=12,
+        batch_size=2, n_volumes=4, steps=4, heads=HeadConfig(hidden_dim=256, out_dim=256),
+    ),
+    "cpu": Profile(
+        "cpu", ViewConfig(region=(96, 96, 32), grid=(3, 3, 1), n_random=2), feature_size=12,
+        batch_size=2, n_volumes=32, steps=300, heads=HeadConfig(hidden_dim=512, out_dim=512),
+    ),
+    "gpu": Profile("gpu", PRESETS["tpami"], feature_size=48, batch_size=2, n_volumes=0, steps=100_000),
+    "paper": Profile("paper", PRESETS["tpami"], feature_size=48, batch_size=2, n_volumes=0, steps=2_000_000),
+}
+
+
+def profile_name(requested: str | None = None) -> str:
+    """`VOCO_PROFILE` (CI sets `smoke`) wins over the requested profile."""
+    name = os.environ.get("VOCO_PROFILE") or requested or "cpu"
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return name
+
+
+def _coerce(value: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if value.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if value.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        return tuple(int(v) for v in value.replace("x", ",").split(","))
+    if current is None and value.lower() == "none":
+        return None
+    return value
+
+
+def override(obj: Any, assignments: dict[str, str] | list[str]) -> Any:
+    """Apply `a.b=value` overrides to nested frozen dataclasses, with typed coercion (no truthy strings)."""
+    if isinstance(assignments, list):
+        pairs = {}
+        for item in assignments:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = v.strip()
+        assignments = pairs
+    for key, value in assignments.items():
+        head, _, rest = key.partition(".")
+        names = {f.name for f in dataclasses.fields(obj)}
+        if head not in names:
+            raise ValueError(f"unknown config key {key!r}; known: {sorted(names)}")
+        current = getattr(obj, head)
+        new = override(current, {rest: value}) if rest else (
+            value if not isinstance(value, str) else _coerce(value, current))
+        obj = replace(obj, **{head: new})
+    return obj
+
+
+def resolve(profile: str | None = None, overrides: dict[str, str] | list[str] | None = None) -> Profile:
+    """The one config path: named profile (or `VOCO_PROFILE`) plus overrides."""
+    return override(PROFILES[profile_name(profile)], overrides or {})
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
