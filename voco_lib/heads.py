@@ -65,7 +65,7 @@ class EMATeacher(nn.Module):
         self.module = copy.deepcopy(student)
         if init == "random":
             for m in self.module.modules():
-                if m is not self.module and hasattr(m, "reset_parameters"):
+                if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
         self.module.requires_grad_(False)
 
