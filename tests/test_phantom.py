@@ -1,0 +1,136 @@
+"""The procedural torso phantom: determinism, anatomy in RAS world coordinates, HU per tissue, attributes, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from voco_lib.cli import main
+from voco_lib.data.phantom import class_ids, class_table, make_phantom, make_phantom_subject
+
+IDS = class_ids()
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def subjects():
+    return {s: make_phantom_subject(s) for s in SEEDS}
+
+
+def world_centroid(label: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
+    idx = np.argwhere(label == IDS[name])
+    assert len(idx), f"{name} missing"
+    return affine[:3, :3] @ idx.mean(0) + affine[:3, 3]
+
+
+def test_contract_and_determinism(subjects):
+    img, lab, aff = make_phantom(0)
+    assert img.shape == lab.shape == (160, 160, 128)
+    assert img.dtype == np.float32 and lab.dtype == np.uint8 and aff.shape == (4, 4)
+    np.testing.assert_allclose(np.diag(aff)[:3], 1.5)
+    # Same seed -> identical arrays; different seeds -> different patients.
+    assert np.array_equal(img, subjects[0].image) and np.array_equal(lab, subjects[0].label)
+    assert np.array_equal(aff, subjects[0].affine)
+    assert not np.array_equal(subjects[0].label, subjects[1].label)
+    assert subjects[0].attributes["body"] != subjects[1].attributes["body"]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_anatomy_in_ras_world(subjects, seed):
+    s = subjects[seed]
+    c = {n: world_centroid(s.label, s.affine, n) for n in
+         ("liver", "spleen", "kidney_left", "kidney_right", "aorta", "lung_left", "lung_right", "urinary_bladder",
+          "heart", "vertebrae")}
+    # RAS+ (NIfTI): +x towards the patient's right, +y anterior, +z superior.
+    assert c["liver"][0] > 0 > c["spleen"][0], "liver on the patient's right, spleen on the left"
+    assert c["kidney_right"][0] > c["aorta"][0] > c["kidney_left"][0]
+    for k in ("kidney_left", "kidney_right"):
+        assert c[k][1] < c["aorta"][1], "kidneys posterior to the aorta"
+    assert c["vertebrae"][1] < c["aorta"][1], "spine behind the aorta"
+    for lung in ("lung_left", "lung_right"):
+        assert c[lung][2] > c["liver"][2] + 20, "lungs superior to the liver"
+    assert c["lung_right"][0] > 0 > c["lung_left"][0]
+    assert c["heart"][2] > c["liver"][2] and c["urinary_bladder"][2] < min(c["kidney_left"][2], c["kidney_right"][2])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_labels_inside_the_body_outline(subjects, seed):
+    s = subjects[seed]
+    # Body outline from the image alone: tissue denser than -500 HU, holes (lungs, gas) filled slice by slice.
+    body = ndimage.binary_fill_holes(s.image > -500, structure=np.ones((3, 3, 1), bool))
+    outside = (s.label > 0) & ~body
+    assert outside.sum() == 0, f"{outside.sum()} labelled voxels outside the body"
+    assert (s.image[~body] < -900).mean() > 0.99  # surroundings are air
+
+
+def test_hu_per_tissue_in_the_class_table_range(subjects):
+    for s in subjects.values():
+        for c in class_table()["classes"]:
+            if c["hu"] is None or not (s.label == c["id"]).any():
+                continue
+            med = float(np.median(s.image[s.label == c["id"]]))
+            lo, hi = c["hu"]
+            if c["name"] == "vertebrae":  # cancellous core plus a brighter cortical rim
+                hi = max(t for t in class_table()["tissues"]["cortical_bone"]["hu"])
+            assert lo - 10 <= med <= hi + 10, f"{c['name']}: median {med:.0f} HU outside [{lo}, {hi}]"
+            if c["name"] not in ("vertebrae", "stomach"):
+                assert abs(med - s.attributes["organ_hu"][c["name"]]) < 6
+
+
+def test_attributes_match_the_label_map(subjects):
+    s = subjects[1]
+    ml = 1.5**3 / 1000
+    for name, vol in s.attributes["organ_volumes_ml"].items():
+        assert vol == pytest.approx((s.label == IDS[name]).sum() * ml, abs=1e-3)
+    z0, z1 = s.attributes["fov_z_mm"]
+    assert z0 == pytest.approx(s.affine[2, 3], abs=0.01) and z1 - z0 == pytest.approx(127 * 1.5, abs=0.01)
+
+
+def test_lesion_forced_on_and_off():
+    with_lesion = make_phantom_subject(7, lesion=True)
+    les = with_lesion.attributes["lesion"]
+    assert les is not None and les["organ"] in class_table()["lesion"]["organs"]
+    m = with_lesion.label == IDS["lesion"]
+    assert m.sum() * 1.5**3 / 1000 == pytest.approx(les["volume_ml"], abs=1e-3) and les["volume_ml"] > 0
+    centroid = world_centroid(with_lesion.label, with_lesion.affine, "lesion")
+    assert np.linalg.norm(centroid - np.array(les["center_ras_mm"])) <= les["radius_mm"]
+    # The lesion sits inside its organ: its rim touches the organ far more than anything else.
+    rim = ndimage.binary_dilation(m) & ~m
+    neighbours = with_lesion.label[rim]
+    assert (neighbours == IDS[les["organ"]]).mean() > 0.5
+    assert float(np.median(with_lesion.image[m])) < with_lesion.attributes["organ_hu"][les["organ"]] - 20
+
+    without = make_phantom_subject(7, lesion=False)
+    assert without.attributes["lesion"] is None and not (without.label == IDS["lesion"]).any()
+
+
+def test_anatomy_is_in_millimetres_not_voxels(subjects):
+    """A coarser grid over the same field of view gives the same patient (same centroids within a voxel)."""
+    coarse = make_phantom_subject(0, shape=(80, 80, 64), spacing=3.0)
+    np.testing.assert_allclose(coarse.affine[:3, :3], np.eye(3) * 3.0)
+    lesion_organ = (subjects[0].attributes["lesion"] or {}).get("organ")  # lesion voxels are drawn per grid
+    for name in {"liver", "spleen", "kidney_left", "kidney_right", "aorta", "urinary_bladder"} - {lesion_organ}:
+        fine_c = world_centroid(subjects[0].label, subjects[0].affine, name)
+        coarse_c = world_centroid(coarse.label, coarse.affine, name)
+        assert np.linalg.norm(fine_c - coarse_c) < 3.0, name
+
+
+def test_cli_writes_int16_niftis_and_a_datalist(tmp_path):
+    assert main(["phantom", "--n", "2", "--out", str(tmp_path), "--seed", "5"]) == 0
+    dl = json.loads((tmp_path / "dataset.json").read_text())
+    assert [e["image"] for e in dl["training"]] == ["imagesTr/phantom_s0005.nii.gz", "imagesTr/phantom_s0006.nii.gz"]
+    entry = dl["training"][1]
+    img, lab = nib.load(tmp_path / entry["image"]), nib.load(tmp_path / entry["label"])
+    ref_img, ref_lab, ref_aff = make_phantom(6)
+    assert img.get_data_dtype() == np.int16 and lab.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(img.affine, ref_aff)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    assert np.array_equal(np.asarray(img.dataobj), np.rint(ref_img).astype(np.int16))
+    assert np.array_equal(np.asarray(lab.dataobj), ref_lab)
+    attrs = json.loads((tmp_path / "attributes.json").read_text())
+    assert attrs[entry["image"]]["seed"] == 6
+    assert not [p for p in tmp_path.rglob(".*")], "temporary files left behind"
