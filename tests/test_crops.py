@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from voco_lib.config import PRESETS, ViewConfig
-from voco_lib.crops import augment, extract, grid_boxes, make_views, overlap_labels, random_boxes
+from voco_lib.crops import augment_into, draw_augmentation, extract, grid_boxes, make_views, overlap_labels, random_boxes
 
 
 def box(*starts_sizes):
@@ -139,17 +139,28 @@ def test_augmentation_is_a_flip_rot_shift_of_the_exact_crop():
     assert changed > 0
 
 
-def test_augmentation_rates_match_the_configured_probabilities():
+def test_augmentation_draws_match_the_configured_probabilities():
     cfg = ViewConfig(region=(8, 8, 8), grid=(1, 1, 1))
-    crops = torch.arange(8 * 8 * 8, dtype=torch.float32).reshape(1, 1, 8, 8, 8).repeat(4000, 1, 1, 1, 1)
-    out = augment(crops, ViewConfig(**{**cfg.__dict__, "rot90_p": 0.0, "shift_p": 0.0}), torch.Generator().manual_seed(0))
-    flipped_x = torch.isin(out[:, 0, 0, 0, 0], torch.tensor([448.0, 455.0, 504.0, 511.0]))
-    assert 0.17 < flipped_x.float().mean() < 0.23
-    shifted = augment(crops, ViewConfig(**{**cfg.__dict__, "flip_p": 0.0, "rot90_p": 0.0}), torch.Generator().manual_seed(0))
-    delta = (shifted - crops).flatten(1)
-    assert torch.allclose(delta.max(1).values, delta.min(1).values, atol=1e-4)  # one offset per crop
-    moved = delta[:, 0].abs() > 1e-4
-    assert 0.46 < moved.float().mean() < 0.54 and delta.abs().max() <= 0.1 + 1e-4
+    aug = draw_augmentation(20000, cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(aug.flips.float().mean(0), torch.full((3,), 0.2), atol=0.015)
+    assert abs((aug.k > 0).float().mean() - 0.2) < 0.015 and set(aug.k.unique().tolist()) == {0, 1, 2, 3}
+    assert abs((aug.offset != 0).float().mean() - 0.5) < 0.015 and aug.offset.abs().max() <= 0.1
+    off = draw_augmentation(10, ViewConfig(region=(8, 8, 8), grid=(1, 1, 1), augment=False))
+    assert not off.flips.any() and not off.k.any() and not off.offset.any()
+
+
+def test_augment_into_equals_flip_then_rot90_then_shift():
+    crop = torch.randn(2, 6, 6, 5)
+    for flips in [(0, 0, 0), (1, 0, 0), (0, 1, 1), (1, 1, 1)]:
+        for k in range(4):
+            expected = crop
+            for axis, f in enumerate(flips):
+                if f:
+                    expected = expected.flip(1 + axis)
+            expected = torch.rot90(expected, k, dims=(1, 2)) + 0.05
+            out = torch.empty_like(crop)
+            augment_into(out, crop, list(map(bool, flips)), k, 0.05)
+            assert torch.equal(out, expected), (flips, k)
 
 
 def test_cvpr_views_are_resized():

@@ -7,8 +7,10 @@ VoCo trains the network to predict it from embeddings alone (method spec §1.1).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,11 @@ def grid_boxes(region: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
 
     With grid (3, 3, 1) this is the authors' k = 3·i + j (spec §1.1). Returns (K, ndim, 2) int64.
     """
+    return _grid_boxes(tuple(region), tuple(grid)).clone()
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_boxes(region: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
     if len(region) != len(grid):
         raise ValueError(f"region {region} and grid {grid} have different dimensions")
     sizes = [r // g for r, g in zip(region, grid)]
@@ -57,39 +64,59 @@ def overlap_labels(crop_boxes: torch.Tensor, base_boxes: torch.Tensor) -> torch.
 
 
 def extract(region: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Gather equal-size crops from a (C, X, Y, Z) region in one indexing call → (N, C, sx, sy, sz)."""
-    size = (boxes[0, :, 1] - boxes[0, :, 0]).tolist()
-    if not bool(((boxes[..., 1] - boxes[..., 0]) == torch.tensor(size)).all()):
-        raise ValueError("extract() needs crops of equal size")
-    idx = [boxes[:, d, :1] + torch.arange(s) for d, s in enumerate(size)]  # each (N, s_d)
-    crops = region[:, idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :]]
-    return crops.transpose(0, 1)
+    """Gather equal-size crops from a (C, X, Y, Z) region in one indexing call → (N, C, sx, sy, sz).
 
-
-def augment(crops: torch.Tensor, cfg: ViewConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Independent per-crop flips (each axis), axial rot90 (k ∈ {1,2,3}) and intensity shift, batched.
-
-    Same distributions as the authors' RandFlip/RandRotate90/RandShiftIntensity chain (spec §1.2), drawn for
-    all crops at once; labels are unaffected (they refer to the un-augmented geometry).
+    `unfold` gives a zero-copy view of every window of the crop size; indexing it by the crop starts copies
+    exactly the crops' voxels once.
     """
-    n = crops.shape[0]
-    out = crops
-    for axis in range(3):
-        flip = torch.rand(n, generator=generator) < cfg.flip_p
-        if flip.any():
-            out = torch.where(flip.view(-1, 1, 1, 1, 1), out.flip(2 + axis), out)
+    size = boxes[0, :, 1] - boxes[0, :, 0]
+    if not bool(((boxes[..., 1] - boxes[..., 0]) == size).all()):
+        raise ValueError("extract() needs crops of equal size")
+    sx, sy, sz = size.tolist()
+    windows = region.unfold(1, sx, 1).unfold(2, sy, 1).unfold(3, sz, 1)  # (C, X', Y', Z', sx, sy, sz)
+    return windows[:, boxes[:, 0, 0], boxes[:, 1, 0], boxes[:, 2, 0]].transpose(0, 1).contiguous()
+
+
+@dataclass
+class Augmentation:
+    """Per-crop draws of the authors' chain (spec §1.2): RandFlip p=0.2 on each axis, then RandRotate90
+    p=0.2 with k ∈ {1,2,3} in the axial plane, then RandShiftIntensity ±0.1 with p=0.5."""
+
+    flips: torch.Tensor  # (N, 3) bool
+    k: torch.Tensor  # (N,) quarter turns, 0 = none
+    offset: torch.Tensor  # (N,) intensity shift, 0 = none
+
+
+def draw_augmentation(n: int, cfg: ViewConfig, generator: torch.Generator | None = None) -> Augmentation:
+    """All random draws for `n` crops at once (a fixed number of draws, so the stream stays reproducible)."""
+    flips = torch.rand(n, 3, generator=generator) < cfg.flip_p
     rotate = torch.rand(n, generator=generator) < cfg.rot90_p
-    k = torch.randint(1, 4, (n,), generator=generator)
-    if rotate.any():
-        if out.shape[2] != out.shape[3]:
-            raise ValueError(f"rot90 in the axial plane needs square crops, got {tuple(out.shape[2:])}")
-        for kk in (1, 2, 3):
-            sel = (rotate & (k == kk)).view(-1, 1, 1, 1, 1)
-            if sel.any():
-                out = torch.where(sel, out.rot90(kk, dims=(2, 3)), out)
+    k = torch.randint(1, 4, (n,), generator=generator) * rotate
     shift = torch.rand(n, generator=generator) < cfg.shift_p
-    offset = (torch.rand(n, generator=generator) * 2 - 1) * cfg.shift_offset
-    return out + (shift * offset).to(out.dtype).view(-1, 1, 1, 1, 1)
+    offset = (torch.rand(n, generator=generator) * 2 - 1) * cfg.shift_offset * shift
+    if not cfg.augment:
+        return Augmentation(torch.zeros_like(flips), torch.zeros_like(k), torch.zeros_like(offset))
+    return Augmentation(flips, k, offset)
+
+
+# rot90 by k quarter turns in the (x, y) plane = flipping these axes, then swapping x and y for odd k.
+_ROT_FLIPS = {0: set(), 1: {1}, 2: {0, 1}, 3: {0}}
+
+
+def augment_into(out: torch.Tensor, crop: torch.Tensor, flips: list[bool], k: int, offset: float) -> None:
+    """Write flip → rot90 → shift of one (C, X, Y, Z) CPU crop into `out` in a single pass.
+
+    Flips and the rotation fold into one strided view (NumPy allows negative strides, torch does not),
+    so every crop costs one read and one write whatever its augmentation.
+    """
+    axes = {a for a, f in enumerate(flips) if f} ^ _ROT_FLIPS[k]
+    if not axes and not k:
+        torch.add(crop, offset, out=out) if offset else out.copy_(crop)
+        return
+    view = crop.numpy()[(slice(None),) + tuple(slice(None, None, -1 if a in axes else 1) for a in range(3))]
+    if k % 2:
+        view = view.transpose(0, 2, 1, 3)
+    np.add(view, np.asarray(offset, dtype=view.dtype), out=out.numpy())
 
 
 @dataclass
@@ -108,18 +135,24 @@ def make_views(
 ) -> Views:
     """Random crops, base crops and labels of one (C, X, Y, Z) region, augmented per crop if configured."""
     cfg = view_preset(preset_or_config)
+    if region.device.type != "cpu":
+        raise ValueError("make_views runs in the data loader: pass a CPU region (views go to the GPU batched)")
     if region.dim() != 4 or tuple(region.shape[1:]) != tuple(cfg.region):
         raise ValueError(f"region must be (C, {', '.join(map(str, cfg.region))}), got {tuple(region.shape)}")
     bases_b = grid_boxes(cfg.region, cfg.grid)
     random_b = random_boxes(cfg.region, cfg.crop_size, cfg.n_random, generator)
-    rand = extract(region, random_b)
-    bases = extract(region, bases_b)
+    boxes = torch.cat([random_b, bases_b])
+    aug = draw_augmentation(len(boxes), cfg, generator)
     if cfg.out_size is not None:
-        rand = _resize(rand, cfg.out_size)
-        bases = _resize(bases, cfg.out_size)
-    if cfg.augment:
-        both = augment(torch.cat([rand, bases]), cfg, generator)
-        rand, bases = both[: len(rand)], both[len(rand):]
+        sources = _resize(extract(region, boxes), cfg.out_size)
+    else:  # zero-copy views of the region: each crop is read once, augmented on the way out
+        size = cfg.crop_size
+        windows = region.unfold(1, size[0], 1).unfold(2, size[1], 1).unfold(3, size[2], 1)
+        sources = [windows[:, x, y, z] for x, y, z in boxes[:, :, 0].tolist()]
+    crops = region.new_empty((len(boxes), region.shape[0], *(cfg.out_size or cfg.crop_size)))
+    for i, (flips, k, offset) in enumerate(zip(aug.flips.tolist(), aug.k.tolist(), aug.offset.tolist())):
+        augment_into(crops[i], sources[i], flips, k, offset)
+    rand, bases = crops[: len(random_b)], crops[len(random_b):]
     return Views(rand, bases, overlap_labels(random_b, bases_b), random_b, bases_b)
 
 
