@@ -1,0 +1,177 @@
+"""Safe loading of 3-D volumes (NIfTI via nibabel; MHA/NRRD/... via SimpleITK) with checks that name the fix.
+
+A broken or surprising file should stop a run at load time with a message that says which file and what
+to do, not hours later as NaN losses or a shape error deep in a transform. Every check raises
+`VolumeError` (a ValueError, so the CLI reports it cleanly); the one soft check, CT intensities that do
+not look like Hounsfield units (e.g. an MRI listed as CT), only warns with `HURangeWarning`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Voxel sizes outside this range (mm) are almost certainly a broken header (metres, microns, 0 or NaN).
+SPACING_RANGE_MM = (0.05, 20.0)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class VolumeError(ValueError):
+    """A volume file that cannot be used as it is; the message names the file and the fix."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"{path}: {problem}. Fix: {fix}")
+
+
+class HURangeWarning(UserWarning):
+    """A CT volume whose intensities do not look like Hounsfield units."""
+
+
+@dataclass
+class Volume:
+    """A loaded 3-D volume: float32 array in the file's voxel order, and its voxel -> RAS+ affine (mm)."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: str
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        img = nib.load(path)
+    except (gzip.BadGzipFile, zlib.error, ImageFileError, EOFError, OSError, ValueError) as e:
+        if isinstance(e, (gzip.BadGzipFile, zlib.error)) or "gzip" in str(e):
+            raise VolumeError(path, f"is not a readable gzip file ({e})",
+                              "re-download or re-export it; `gzip -t FILE` shows whether the archive is intact") from None
+        raise VolumeError(path, f"has no readable NIfTI header ({type(e).__name__}: {e})",
+                          "re-download or re-export it as NIfTI (.nii/.nii.gz)") from None
+    try:
+        data = np.asarray(img.dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as e:
+        raise VolumeError(path, f"is truncated or corrupt: the header promises shape {img.shape} "
+                          f"but the voxel data cannot be read ({type(e).__name__}: {e})",
+                          "re-download or re-export it (an interrupted copy leaves such files)") from None
+    return data, np.asarray(img.affine, np.float64)
+
+
+def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise VolumeError(path, f"cannot be read by SimpleITK ({str(e).strip().splitlines()[-1]})",
+                          "check the format and re-export it, e.g. as NIfTI (.nii.gz)") from None
+    data = sitk.GetArrayFromImage(img).T  # SimpleITK gives (z, y, x); we keep (x, y, z)
+    nd = img.GetDimension()
+    if nd != 3:
+        return data, np.eye(4)  # the dimension check below reports it
+    direction = np.asarray(img.GetDirection()).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK works in LPS+; NIfTI and we in RAS+
+
+
+def load_volume(path: str | Path, modality: str = "CT", kind: str = "image") -> Volume:
+    """Read a 3-D volume and check it: 3-D, finite, not constant, sane spacing; CT looks like HU (else warn).
+
+    `kind="label"` skips the intensity checks that only make sense for images (a label map may be all zero).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(path, "does not exist", "check the path (and the data root / VOCO_DATA_DIR it is relative to)")
+    data, affine = _read_nifti(path) if path.name.endswith(NIFTI_SUFFIXES) else _read_sitk(path)
+    shape = data.shape
+    # Trailing singleton axes (x, y, z, 1) are common in NIfTI and harmless.
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim > 3:
+        raise VolumeError(path, f"is {data.ndim}-D with shape {shape}, not a single 3-D volume",
+                          "split it into 3-D volumes (one channel / time point each), e.g. nibabel's "
+                          "img.slicer[..., i] or `fslsplit`, and list those")
+    if data.ndim < 3 or min(data.shape) < 2:
+        raise VolumeError(path, f"is a 2-D image (shape {shape}), not a volume",
+                          "VoCo needs 3-D volumes; stack the slices into one volume (e.g. convert the DICOM series) "
+                          "or drop the file from the datalist")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(path, "has a missing or singular affine (voxel -> world matrix)",
+                          "re-export it with its geometry (qform/sform in NIfTI)")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    lo, hi = SPACING_RANGE_MM
+    if ((spacing < lo) | (spacing > hi)).any():
+        raise VolumeError(path, f"has an implausible voxel size {np.round(spacing, 4).tolist()} mm "
+                          f"(expected {lo}-{hi} mm per axis)",
+                          "fix the header's pixdim/affine (a value in metres or microns, or a scale lost in conversion)")
+    if kind == "label":
+        if not np.issubdtype(data.dtype, np.integer) and not np.array_equal(data, np.round(data)):
+            raise VolumeError(path, "is listed as a label map but holds non-integer values",
+                              "check that image and label are not swapped in the datalist")
+        return Volume(np.ascontiguousarray(data), affine, str(path))
+    data = np.asarray(data, np.float32)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise VolumeError(path, f"has {int(bad.sum())} NaN/inf voxels",
+                          "re-export it, or replace them explicitly (e.g. np.nan_to_num(x, nan=-1024) for CT) "
+                          "and save a cleaned copy")
+    vmin, vmax = float(data.min()), float(data.max())
+    if vmin == vmax:
+        raise VolumeError(path, f"is constant (every voxel is {vmin:g})",
+                          "the export failed or the file is a blank placeholder; re-export it or drop it from the datalist")
+    if modality.upper() == "CT":
+        check_hu_range(data, path)
+    return Volume(data, affine, str(path))
+
+
+def check_hu_range(data: np.ndarray, path: str | Path) -> bool:
+    """Warn (and return False) when a 'CT' volume does not look like Hounsfield units.
+
+    A CT of the body has air around it (about -1000 HU); MRI and unrescaled CT start near 0.
+    """
+    p1, p99 = np.percentile(data[:: max(1, data.size // 2_000_000)], [1, 99])  # a strided subsample is enough
+    if p1 > -500 or p99 > 4000:
+        warnings.warn(
+            f"{path}: intensities (1st-99th percentile {p1:.0f} to {p99:.0f}) do not look like CT in Hounsfield "
+            "units, where air is about -1000. If it is MRI, use the 'mri' preprocessing chain; if it is CT "
+            "stored without its rescale slope/intercept, convert it to HU first.",
+            HURangeWarning, stacklevel=2,
+        )
+        return False
+    return True
+
+
+def load_pair(image_path: str | Path, label_path: str | Path, modality: str = "CT") -> tuple[Volume, Volume]:
+    """Image and label map, checked to share one voxel grid (shape and affine)."""
+    image = load_volume(image_path, modality)
+    label = load_volume(label_path, kind="label")
+    if image.array.shape != label.array.shape:
+        raise VolumeError(label_path, f"has shape {label.array.shape} but its image {image_path} has "
+                          f"{image.array.shape}", "pair each image with the label map made on the same grid "
+                          "(or resample the label with nearest-neighbour onto the image grid)")
+    if not np.allclose(image.affine, label.affine, atol=1e-3 * max(image.spacing)):
+        raise VolumeError(label_path, f"is on a different grid (affine) than its image {image_path}",
+                          "resample the label with nearest-neighbour onto the image grid")
+    return image, label
+
+
+def check_datalist_files(entries: list[dict[str, str]], root: str | Path, datalist: str | Path = "datalist") -> None:
+    """Every `image`/`label` path of a datalist exists under `root`; else one error listing the missing ones."""
+    root = Path(root)
+    missing = [f"{e.get(k)}" for e in entries for k in ("image", "label") if k in e and not (root / e[k]).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise VolumeError(datalist, f"lists {len(missing)} file(s) that do not exist under {root}: {shown}",
+                          "fetch or copy the data there, set the data root (VOCO_DATA_DIR), or remove the entries")
