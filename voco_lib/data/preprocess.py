@@ -43,7 +43,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from voco_lib.data.volumes import load_pair, load_volume
+from voco_lib.data.volumes import VolumeError, load_pair, load_volume
 
 Triple = tuple[int, int, int]
 # nibabel's axis-code convention: "R" means the first axis increases towards the patient's right (RAS+).
@@ -147,7 +147,15 @@ def preprocess(path_or_entry: str | Path | dict[str, str], chain: str | Chain = 
     """Run the deterministic chain on one file (or datalist entry): {"image": (1, X, Y, Z) MetaTensor[, "label"]}."""
     entry = {"image": str(path_or_entry)} if not isinstance(path_or_entry, dict) else dict(path_or_entry)
     keys = [k for k in ("image", "label") if k in entry]
-    return build_chain(chain, keys)(entry)
+    try:
+        return build_chain(chain, keys)(entry)
+    except RuntimeError as e:  # MONAI's Compose wraps errors; surface our own file-naming one
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, VolumeError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def sample_region(
