@@ -13,7 +13,7 @@ import torch
 from voco_lib.data import cache as cache_mod
 from voco_lib.data.cache import load_preprocessed
 from voco_lib.data.phantom import class_ids, make_phantom_subject, save_nifti
-from voco_lib.data.preprocess import CHAINS, build_chain, preprocess, sample_region
+from voco_lib.data.preprocess import CHAINS, build_chain, preprocess, preprocess_array, sample_region
 
 LIVER = class_ids()["liver"]
 
@@ -51,6 +51,15 @@ def test_ct_chain_spacing_orientation_and_hu_window(phantom, name):
         # Width: the body's, plus up to 192 mm * sin(3 deg) ~ 10 mm from the phantom's tilt about y.
         body_mm = phantom["subject"].attributes["body"]["width_mm"]
         assert body_mm - 4 <= x.shape[0] * 1.5 <= min(body_mm + 14, 0.95 * 240)
+
+
+def test_in_memory_phantom_matches_the_file_path(phantom):
+    s = phantom["subject"]
+    from_file = preprocess({"image": phantom["image"], "label": phantom["label"]}, "abdomen")
+    in_memory = preprocess_array(np.rint(s.image), s.affine, "abdomen", label=s.label)
+    assert torch.allclose(in_memory["image"], from_file["image"], atol=1e-6)
+    assert torch.equal(in_memory["label"].as_tensor(), from_file["label"].as_tensor())
+    np.testing.assert_allclose(in_memory["image"].affine, from_file["image"].affine, atol=1e-6)
 
 
 def test_orientation_and_spacing_keep_world_positions(tmp_path):

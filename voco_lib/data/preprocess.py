@@ -43,7 +43,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from voco_lib.data.volumes import VolumeError, load_pair, load_volume
+from voco_lib.data.volumes import Volume, VolumeError, check_volume, load_pair, load_volume
 
 Triple = tuple[int, int, int]
 # nibabel's axis-code convention: "R" means the first axis increases towards the patient's right (RAS+).
@@ -108,9 +108,7 @@ class LoadVolumed(MapTransform):
         else:
             vols = {"image": load_volume(d["image"], self.modality)}
         for key, v in vols.items():
-            arr = torch.from_numpy(np.ascontiguousarray(v.array, np.float32))[None]
-            d[key] = MetaTensor(arr, affine=torch.as_tensor(v.affine, dtype=torch.float64),
-                                meta={"filename_or_obj": v.path})
+            d[key] = _meta_tensor(v)
         return d
 
 
@@ -124,12 +122,21 @@ class _Foreground:
         return x != 0 if self.nonzero else x > self.threshold
 
 
-def build_chain(chain: str | Chain, keys: Sequence[str] = ("image",)) -> Compose:
-    """The deterministic MONAI chain. `keys=("image",)` for pretraining; add "label" for fine-tuning."""
+def _meta_tensor(v: Volume) -> MetaTensor:
+    arr = torch.from_numpy(np.ascontiguousarray(v.array, np.float32))[None]
+    return MetaTensor(arr, affine=torch.as_tensor(v.affine, dtype=torch.float64), meta={"filename_or_obj": v.path})
+
+
+def build_chain(chain: str | Chain, keys: Sequence[str] = ("image",), load: bool = True) -> Compose:
+    """The deterministic MONAI chain. `keys=("image",)` for pretraining; add "label" for fine-tuning.
+
+    `load=False` leaves out the file loader, for volumes already in memory (see `preprocess_array`).
+    """
     c = get_chain(chain)
     keys = tuple(keys)
     modes = tuple("nearest" if k == "label" else "bilinear" for k in keys)
-    t: list[Any] = [LoadVolumed(keys, c.modality), Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS)]
+    t: list[Any] = [LoadVolumed(keys, c.modality)] if load else []
+    t.append(Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS))
     if c.spacing is not None:
         t.append(Spacingd(keys, pixdim=c.spacing, mode=modes, dtype=np.float32))
     if c.modality == "CT":
@@ -156,6 +163,22 @@ def preprocess(path_or_entry: str | Path | dict[str, str], chain: str | Chain = 
         if cause is None:
             raise
         raise cause from None
+
+
+def preprocess_array(
+    image: np.ndarray, affine: np.ndarray, chain: str | Chain = "abdomen", label: np.ndarray | None = None,
+    name: str = "<array>",
+) -> dict[str, MetaTensor]:
+    """`preprocess` for a volume in memory (e.g. `make_phantom(seed)`), with the same checks and chain."""
+    c = get_chain(chain)
+    d = {"image": _meta_tensor(check_volume(image, affine, name, c.modality))}
+    if label is not None:
+        lab = check_volume(label, affine, f"{name} (label)", kind="label")
+        if lab.array.shape != d["image"].shape[1:]:
+            raise VolumeError(name, f"label shape {lab.array.shape} differs from image shape {tuple(image.shape)}",
+                              "pass the label map made on the image's grid")
+        d["label"] = _meta_tensor(lab)
+    return build_chain(c, list(d), load=False)(d)
 
 
 def sample_region(

@@ -95,6 +95,13 @@ def load_volume(path: str | Path, modality: str = "CT", kind: str = "image") -> 
     if not path.is_file():
         raise VolumeError(path, "does not exist", "check the path (and the data root / VOCO_DATA_DIR it is relative to)")
     data, affine = _read_nifti(path) if path.name.endswith(NIFTI_SUFFIXES) else _read_sitk(path)
+    return check_volume(data, affine, path, modality, kind)
+
+
+def check_volume(data: np.ndarray, affine: np.ndarray, path: str | Path, modality: str = "CT",
+                 kind: str = "image") -> Volume:
+    """The checks of `load_volume` on an array already in memory (`path` names it in messages)."""
+    affine = np.asarray(affine, np.float64)
     shape = data.shape
     # Trailing singleton axes (x, y, z, 1) are common in NIfTI and harmless.
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -141,7 +148,7 @@ def check_hu_range(data: np.ndarray, path: str | Path) -> bool:
 
     A CT of the body has air around it (about -1000 HU); MRI and unrescaled CT start near 0.
     """
-    p1, p99 = np.percentile(data[:: max(1, data.size // 2_000_000)], [1, 99])  # a strided subsample is enough
+    p1, p99 = np.percentile(data.reshape(-1)[:: max(1, data.size // 2_000_000)], [1, 99])  # a subsample suffices
     if p1 > -500 or p99 > 4000:
         warnings.warn(
             f"{path}: intensities (1st-99th percentile {p1:.0f} to {p99:.0f}) do not look like CT in Hounsfield "
