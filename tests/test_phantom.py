@@ -106,6 +106,9 @@ def test_lesion_forced_on_and_off():
 
     without = make_phantom_subject(7, lesion=False)
     assert without.attributes["lesion"] is None and not (without.label == IDS["lesion"]).any()
+    # Same patient otherwise: identical outside the lesion, the organ there instead of the lesion.
+    assert np.array_equal(with_lesion.image[~m], without.image[~m])
+    assert (without.label[m] == IDS[les["organ"]]).all()
 
 
 def test_anatomy_is_in_millimetres_not_voxels(subjects):

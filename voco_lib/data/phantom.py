@@ -236,7 +236,7 @@ def make_phantom_subject(
     Ac, Bc = A * edges[0], B * edges[0]  # cavity semi-axes
 
     # Diaphragm heights (right higher, under the liver) and the bowel filling the lower abdomen.
-    z_dia_r, z_dia_l = U(30, 42), 0.0
+    z_dia_r = U(30, 42)
     z_dia_l = z_dia_r - U(4, 10)
     bowel = _smooth_noise(rng, shape, 9.0, sp)
     belly = cv.inner & (Z < z_dia_l - 15)
@@ -332,9 +332,11 @@ def make_phantom_subject(
             (y < np.float32(0.35 * B)) | (np.abs(x) > np.float32(0.3 * A)) & (z > np.float32(z_dia_l - 15)))
         cv.tissue[sl][rib] = ids["ribs"]
 
-    # Optional lesion inside one organ.
+    # Optional lesion inside one organ. Every draw happens either way, so forcing the lesion on or off
+    # changes nothing else about the patient.
     les_cfg = table["lesion"]
-    has_lesion = rng.uniform() < les_cfg["probability"] if lesion is None else bool(lesion)
+    draw, where = rng.uniform(), rng.uniform()
+    has_lesion = draw < les_cfg["probability"] if lesion is None else bool(lesion)
     organs = list(les_cfg["organs"])
     organ = organs[rng.choice(len(organs), p=np.array(list(les_cfg["organs"].values())) / sum(les_cfg["organs"].values()))]
     radius = U(*les_cfg["radius_mm"])
@@ -343,7 +345,7 @@ def make_phantom_subject(
     if has_lesion:
         vox = np.flatnonzero(cv.tissue == ids[organ])
         if vox.size:
-            ci = np.array(np.unravel_index(vox[rng.integers(vox.size)], cv.shape))
+            ci = np.array(np.unravel_index(vox[min(int(where * vox.size), vox.size - 1)], cv.shape))
             cw = cv.origin + ci * sp
             centre = cv.R.T @ (cw - cv.t)
             got = cv.box(centre, radius)
