@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -137,3 +138,7 @@ def test_cli_writes_int16_niftis_and_a_datalist(tmp_path):
     attrs = json.loads((tmp_path / "attributes.json").read_text())
     assert attrs[entry["image"]]["seed"] == 6
     assert not [p for p in tmp_path.rglob(".*")], "temporary files left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (tmp_path / "dataset.json", tmp_path / entry["image"]):  # readable like any file, not mkstemp's 0600
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask

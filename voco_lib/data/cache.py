@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from voco_lib.data.preprocess import Chain, get_chain, preprocess
+from voco_lib.data.volumes import publish
 
 CACHE_VERSION = 1
 STORE_DTYPES = {"uint16": np.uint16, "uint8": np.uint8, "float16": np.float16}
@@ -78,7 +79,7 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from voco_lib.data.volumes import publish
+
 CLASS_TABLE = Path(__file__).resolve().parents[2] / "data_manifests" / "phantom_classes.yaml"
 
 # Unlabelled tissues get internal ids above the label ids; `_LABEL_OF` maps them back to a label.
@@ -410,7 +412,7 @@ def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype) -
     os.close(fd)
     try:
         nib.save(img, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -444,7 +446,7 @@ def _write_json(path: Path, obj: Any) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
