@@ -95,6 +95,41 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, precision, distribution, logging and data settings of a pre-training run.
+
+    Defaults follow the authors' TPAMI recipe (method spec §5.1): AdamW(lr 1e-4, amsgrad, PyTorch's default
+    weight decay 0.01), 5,000 linear warmup steps then a half cosine to 0, stepped every iteration. Where we
+    differ on purpose: AMP is a real choice (upstream forces it on), every step is seeded, resume is exact.
+    """
+
+    lr: float = 1e-4  # for the effective batch below; not rescaled automatically
+    warmup_steps: int = 5000
+    weight_decay: float = 0.01
+    amsgrad: bool = True
+    accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * accum * world size)
+    clip: float = 0.0  # max gradient norm; 0 = off
+    amp: str = "off"  # "off" | "bf16" | "fp16" (fp16 adds a GradScaler); CUDA only, forced off on CPU
+    grad_checkpoint: bool = False  # recompute each encoder stage in backward (memory for time)
+    compile: bool = False  # torch.compile the encoder (opt-in)
+    ema_scope: str = "head"  # "head": TPAMI, EMA teacher head, shared backbone; "full": CVPR, EMA of backbone+head
+    sync_bn: bool = False  # SyncBatchNorm in the heads under DDP (the CVPR code does this)
+    seed: int = 0
+    checkpoint_every: int = 1000  # steps; also on SIGTERM/SIGINT and at the end
+    keep_last: int = 3  # full-state checkpoints kept
+    eval_every: int = 500  # steps between held-out position-prediction evaluations (also at 0 and the end)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    tune_allocator: bool = True  # CPU/glibc: keep freed memory instead of unmapping it (≈1.7x faster steps)
+    # data
+    workers: int = 0  # DataLoader worker processes per rank
+    chain: str = "abdomen"  # preprocessing chain (voco_lib.data.preprocess.CHAINS)
+    region_mode: str | None = None  # None: the chain's; "crop" | "resize" (whole volume resized to the region)
+    cache_dir: str | None = None  # preprocessing cache; None: $VOCO_DATA_DIR (or ~/.cache/voco)/preprocessed
+    phantom_shape: Triple = (160, 160, 128)  # voxels at 1.5 mm, for --data phantom
+    n_eval: int = 4  # held-out volumes whose fixed views measure position-prediction accuracy
+
+
+@dataclass(frozen=True)
 class Profile:
     """A named run profile: where it runs and what it costs. Later modules add their own sections."""
 
@@ -106,6 +141,7 @@ class Profile:
     steps: int
     loss: LossConfig = field(default_factory=LossConfig)
     heads: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 PROFILES: dict[str, Profile] = {
