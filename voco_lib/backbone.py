@@ -1,0 +1,358 @@
+"""The Swin encoder of SwinUNETR-v2, rewritten for speed, with MONAI's parameter names.
+
+Same maths as `monai.networks.nets.SwinUNETR(use_v2=True)`'s encoder (swinViT + encoder1/2/3/4/10), so
+MONAI and released VoCo state dicts load strictly both ways (method spec §2.1, §8.3). What is different is
+only how shifted-window attention is computed (see `WindowPlan` and `WindowAttention`):
+
+- no padding, rolling or window partitioning of the feature map: each window's tokens are gathered by a
+  precomputed index, cached per input size;
+- windows that share a mask pattern (shift regions + padding) form one batch with one additive bias
+  (relative position bias + shift mask) fed to `scaled_dot_product_attention`;
+- padded query positions are dropped (MONAI crops their outputs away);
+- padded key positions are kept exactly: MONAI pads *after* norm1, so every pad token has k = qkv-bias(k) and
+  v = qkv-bias(v); all pad keys of a window collapse into one key whose bias is the log-sum-exp of their
+  biases (Σ_j exp(s + b_j) v = exp(s + logsumexp_j b_j) v).
+
+The conv blocks, patch embedding, patch merging and MLP are MONAI's own modules.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from monai.networks.blocks import MLPBlock, PatchEmbed, UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from monai.networks.layers import DropPath
+from monai.networks.nets.swin_unetr import PatchMerging
+from torch import nn
+
+MASK_VALUE = -100.0  # MONAI's value for "other shift region" (not -inf), kept for identical results
+SMALL_CROP_VARIANTS = ("bypass", "upsample")
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class WindowGroup:
+    """Windows with one mask pattern: token indices (G, n_real), their slots in the window, pad slots, mask."""
+
+    tokens: torch.Tensor  # (G, n_real) int64 indices into the flattened (d·h·w) token grid
+    real_slots: torch.Tensor  # (n_real,) positions inside the window of the real tokens
+    pad_slots: torch.Tensor  # (n_pad,) positions inside the window that are padding
+    shift_mask: torch.Tensor | None  # (n, n) 0 / MASK_VALUE, or None without shift
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """How one (shifted) window attention maps onto a d×h×w token grid; `inverse` undoes the group order."""
+
+    window: tuple[int, int, int]
+    groups: tuple[WindowGroup, ...]
+    inverse: torch.Tensor  # (d·h·w,) position of each token in the concatenated group outputs
+
+
+def effective_window(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...]):
+    """MONAI's rule: an axis not larger than the window uses its full length as window and no shift."""
+    win = tuple(min(d, w) for d, w in zip(dims, window))
+    sh = tuple(0 if d <= w else s for d, w, s in zip(dims, window, shift))
+    return win, sh
+
+
+@functools.lru_cache(maxsize=64)
+def window_plan(dims: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int],
+                device: str) -> WindowPlan:
+    """Cached geometry of one attention layout (computed once per input size, stage and shift)."""
+    win, sh = effective_window(dims, window, shift)
+    padded = [-(-d // w) * w for d, w in zip(dims, win)]
+    # shifted coordinates p hold the padded token at (p + shift) mod padded (MONAI rolls by -shift)
+    axes = []
+    for d, w, s, p in zip(dims, win, sh, padded):
+        src = (torch.arange(p) + s) % p  # source coordinate along this axis
+        region = torch.zeros(p, dtype=torch.long)  # MONAI's compute_mask slices, in shifted coordinates
+        if s > 0:
+            region[p - w: p - s] = 1
+            region[p - s:] = 2
+        axes.append((src.view(p // w, w), (src >= d).view(p // w, w), region.view(p // w, w)))
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    patterns = {}
+    for wi in itertools.product(*[range(p // w) for p, w in zip(padded, win)]):
+        (sd, pd, rd), (sy, py, ry), (sx, px, rx) = [(a[0][i], a[1][i], a[2][i]) for a, i in zip(axes, wi)]
+        src = (sd[:, None, None] * dims[1] + sy[None, :, None]) * dims[2] + sx[None, None, :]
+        pad = (pd[:, None, None] | py[None, :, None] | px[None, None, :]).flatten()
+        region = (rd[:, None, None] * 9 + ry[None, :, None] * 3 + rx[None, None, :]).flatten()
+        key = (tuple(pad.tolist()), tuple(region.tolist()))
+        patterns[key] = (pad, region)
+        groups.setdefault(key, []).append(src.flatten()[~pad])
+    out, order = [], []
+    for key, toks in groups.items():
+        pad, region = patterns[key]
+        mask = None
+        if any(sh):
+            mask = torch.where(region[:, None] == region[None, :], 0.0, MASK_VALUE).to(device)
+        tokens = torch.stack(toks)
+        order.append(tokens.flatten())
+        out.append(WindowGroup(tokens.to(device), torch.nonzero(~pad).flatten().to(device),
+                               torch.nonzero(pad).flatten().to(device), mask))
+    perm = torch.cat(order)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel())
+    return WindowPlan(win, tuple(out), inverse.to(device))
+
+
+# ------------------------------------------------------------------------------------------------ attention
+class WindowAttention(nn.Module):
+    """Multi-head (shifted) window attention with a relative position bias; MONAI's names and maths."""
+
+    def __init__(self, dim: int, num_heads: int, window: tuple[int, int, int], qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads, self.window = num_heads, window
+        self.scale = (dim // num_heads) ** -0.5
+        n_rel = (2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(n_rel, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (n, n, 3), offsets
+        rel = rel + torch.tensor(window) - 1
+        index = (rel[..., 0] * (2 * window[1] - 1) + rel[..., 1]) * (2 * window[2] - 1) + rel[..., 2]
+        self.register_buffer("relative_position_index", index)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def group_bias(self, group: WindowGroup, n: int) -> torch.Tensor:
+        """(heads, n_real, n_real [+1]) additive bias: position bias + shift mask; pad keys collapsed."""
+        # MONAI indexes the full-window table with [:n, :n] also when the window shrinks (small maps)
+        index = self.relative_position_index[:n, :n][group.real_slots]
+        bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # (h, n_real, n)
+        if group.shift_mask is not None:
+            bias = bias + group.shift_mask[group.real_slots]
+        real = bias[:, :, group.real_slots]
+        if group.pad_slots.numel() == 0:
+            return real
+        return torch.cat([real, bias[:, :, group.pad_slots].logsumexp(-1, keepdim=True)], -1)
+
+    def forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        """x: (b, N, C) normalised tokens of a d×h×w grid (flattened, channels last) -> (b, N, C)."""
+        b, _, c = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x)
+        n = plan.window[0] * plan.window[1] * plan.window[2]
+        outs = []
+        for g in plan.groups:
+            n_win, n_real = g.tokens.shape
+            t = qkv[:, g.tokens.flatten()].view(b, n_win, n_real, 3, h, c // h)
+            q, k, v = t.permute(3, 0, 1, 4, 2, 5).reshape(3, b * n_win, h, n_real, c // h).unbind(0)
+            if g.pad_slots.numel():  # one key standing for all pad tokens of the window (zeros after norm1)
+                pad_k, pad_v = self._pad_key_value(c, q.dtype).unbind(0)
+                k = torch.cat([k, pad_k.expand(b * n_win, h, 1, c // h)], 2)
+                v = torch.cat([v, pad_v.expand(b * n_win, h, 1, c // h)], 2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.group_bias(g, n).to(q.dtype), scale=self.scale)
+            outs.append(o.view(b, n_win, h, n_real, c // h).transpose(2, 3).reshape(b, n_win * n_real, c))
+        return self.proj(torch.cat(outs, 1)[:, plan.inverse])
+
+    def _pad_key_value(self, c: int, dtype: torch.dtype) -> torch.Tensor:
+        """(2, 1, h, 1, c/h): the key and value of a zero token, i.e. the qkv bias (or zeros without bias)."""
+        h = self.num_heads
+        if self.qkv.bias is None:
+            return self.qkv.weight.new_zeros(2, 1, h, 1, c // h, dtype=dtype)
+        return self.qkv.bias[c:].view(2, 1, h, 1, c // h).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+class SwinBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x)). MONAI: SwinTransformerBlock."""
+
+    def __init__(self, dim: int, num_heads: int, window: tuple[int, int, int], shift: tuple[int, int, int],
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window, qkv_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLPBlock(hidden_size=dim, mlp_dim=int(dim * mlp_ratio), act="GELU", dropout_mode="swin")
+
+    def forward(self, x: torch.Tensor, dims: tuple[int, int, int]) -> torch.Tensor:
+        plan = window_plan(dims, self.window, self.shift, str(x.device))
+        x = x + self.drop_path(self.attn(self.norm1(x), plan))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinStage(nn.Module):
+    """Two blocks (plain, then shifted windows) and patch merging. MONAI: BasicLayer (same names)."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window: tuple[int, int, int],
+                 drop_path: list[float], grad_checkpoint: bool = False, **block_opts):
+        super().__init__()
+        shift = tuple(w // 2 for w in window)
+        self.grad_checkpoint = grad_checkpoint
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, num_heads, window, (0, 0, 0) if i % 2 == 0 else shift, drop_path=drop_path[i], **block_opts)
+            for i in range(depth)])
+        self.downsample = PatchMerging(dim=dim, norm_layer=nn.LayerNorm, spatial_dims=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, c, d, h, w) -> (b, 2c, d/2, h/2, w/2)."""
+        b, c, d, h, w = x.shape
+        t = x.permute(0, 2, 3, 4, 1).reshape(b, d * h * w, c)
+        for blk in self.blocks:
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                t = cp.checkpoint(blk, t, (d, h, w), use_reentrant=False)
+            else:
+                t = blk(t, (d, h, w))
+        return self.downsample(t.view(b, d, h, w, c)).permute(0, 4, 1, 2, 3)
+
+
+def _res_block(channels_in: int, channels_out: int) -> UnetrBasicBlock:
+    return UnetrBasicBlock(spatial_dims=3, in_channels=channels_in, out_channels=channels_out, kernel_size=3,
+                           stride=1, norm_name="instance", res_block=True)
+
+
+class SwinViT(nn.Module):
+    """Patch embedding, then four (v2 conv block, Swin stage) pairs. MONAI: SwinTransformer(use_v2=True)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, window: int = 7, depths=(2, 2, 2, 2),
+                 num_heads=(3, 6, 12, 24), drop_path_rate: float = 0.0, grad_checkpoint: bool = False, **block_opts):
+        super().__init__()
+        win = (window,) * 3
+        self.patch_embed = PatchEmbed(patch_size=2, in_chans=in_chans, embed_dim=embed_dim, norm_layer=None,
+                                      spatial_dims=3)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        for i in range(4):
+            dim = embed_dim * 2**i
+            rates = dpr[sum(depths[:i]): sum(depths[: i + 1])]
+            stage = SwinStage(dim, depths[i], num_heads[i], win, rates, grad_checkpoint, **block_opts)
+            setattr(self, f"layers{i + 1}", nn.ModuleList([stage]))
+            setattr(self, f"layers{i + 1}c", nn.ModuleList([_res_block(dim, dim)]))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Five maps (patch embedding, then each stage), each layer-normalised over channels as MONAI's."""
+        x = self.patch_embed(x)
+        outs = [x]
+        for i in range(1, 5):
+            x = getattr(self, f"layers{i}")[0](getattr(self, f"layers{i}c")[0](x))
+            outs.append(x)
+        return [_channel_norm(o) for o in outs]
+
+
+def _channel_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over channels without affine parameters (MONAI's proj_out(normalize=True))."""
+    return F.layer_norm(x.movedim(1, -1), [x.shape[1]]).movedim(-1, 1)
+
+
+# ------------------------------------------------------------------------------------------------ models
+class SwinEncoder(nn.Module):
+    """SwinViT + SwinUNETR's encoder1/2/3/4/10 blocks: VoCo's backbone (spec §2.1-2.2).
+
+    `forward(x)` returns the five maps the SSL head uses (encoder1, 2, 3, 4, 10 outputs); `embed(x)` their
+    global average pools concatenated, 24·feature_size values per crop.
+
+    small_crop (for inputs below 64³, where the deepest map is 1³ and encoder10's InstanceNorm refuses it in
+    training):
+      None:       exactly SwinUNETR (needs ≥ 64³ in training);
+      "bypass":   when the deepest map has one voxel, encoder10 is replaced by what it computes on one voxel
+                  in eval mode (instance norm of a single value is 0, so the block reduces to LeakyReLU of its
+                  input). Same cost as the crop size; encoder10's weights get no gradient at that size;
+      "upsample": crops below 64³ are trilinearly resized to 64³ first, then the exact model runs
+                  (≈8× the compute of a 32³ crop, all weights train).
+    """
+
+    def __init__(self, feature_size: int, in_channels: int = 1, small_crop: str | None = None,
+                 grad_checkpoint: bool = False, drop_path_rate: float = 0.0):
+        super().__init__()
+        if feature_size % 12:
+            raise ValueError(f"feature_size must be a multiple of 12 (MONAI SwinUNETR), got {feature_size}")
+        if small_crop not in (None, *SMALL_CROP_VARIANTS):
+            raise ValueError(f"small_crop must be None or one of {SMALL_CROP_VARIANTS}, got {small_crop!r}")
+        self.feature_size, self.small_crop = feature_size, small_crop
+        self.embed_dim = 24 * feature_size
+        self.swinViT = SwinViT(in_channels, feature_size, drop_path_rate=drop_path_rate,
+                               grad_checkpoint=grad_checkpoint)
+        fs = feature_size
+        self.encoder1 = _res_block(in_channels, fs)
+        self.encoder2 = _res_block(fs, fs)
+        self.encoder3 = _res_block(2 * fs, 2 * fs)
+        self.encoder4 = _res_block(4 * fs, 4 * fs)
+        self.encoder10 = _res_block(16 * fs, 16 * fs)
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or any(s % 32 for s in x.shape[2:]):
+            raise ValueError(f"input must be (B, C, D, H, W) with D, H, W divisible by 32, got {tuple(x.shape)}")
+        if self.small_crop == "upsample" and min(x.shape[2:]) < 64:
+            size = [max(s, 64) for s in x.shape[2:]]
+            x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+        return x
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(swinViT maps, encoder maps): the second list is what `forward` returns."""
+        x = self._check(x)
+        hidden = self.swinViT(x)
+        deepest = hidden[4]
+        if self.small_crop == "bypass" and deepest.shape[2:].numel() == 1:
+            enc10 = F.leaky_relu(deepest, 0.01)
+        else:
+            enc10 = self.encoder10(deepest)
+        encs = [self.encoder1(x), self.encoder2(hidden[0]), self.encoder3(hidden[1]), self.encoder4(hidden[2]), enc10]
+        return hidden, encs
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.encode(x)[1]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 24·feature_size): global average pool of the five maps, concatenated (spec §2.2)."""
+        return pooled_embedding(self(x))
+
+
+def pooled_embedding(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Global average pool each (B, C, ...) map and concatenate along channels."""
+    return torch.cat([m.flatten(2).mean(-1) for m in maps], 1)
+
+
+class SwinUNETR(SwinEncoder):
+    """Our encoder plus MONAI SwinUNETR's decoder (decoder5..1, out): full VoComni-style segmentation model."""
+
+    def __init__(self, feature_size: int, out_channels: int, in_channels: int = 1, **opts):
+        super().__init__(feature_size, in_channels, **opts)
+        fs = feature_size
+
+        def up(cin: int, cout: int) -> UnetrUpBlock:
+            return UnetrUpBlock(spatial_dims=3, in_channels=cin, out_channels=cout, kernel_size=3,
+                                upsample_kernel_size=2, norm_name="instance", res_block=True)
+
+        self.decoder5 = up(16 * fs, 8 * fs)
+        self.decoder4 = up(8 * fs, 4 * fs)
+        self.decoder3 = up(4 * fs, 2 * fs)
+        self.decoder2 = up(2 * fs, fs)
+        self.decoder1 = up(fs, fs)
+        self.out = UnetOutBlock(spatial_dims=3, in_channels=fs, out_channels=out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Segmentation logits (B, out_channels, D, H, W)."""
+        hidden, (enc0, enc1, enc2, enc3, dec4) = self.encode(x)
+        dec3 = self.decoder5(dec4, hidden[3])
+        dec = self.decoder4(dec3, enc3)
+        dec = self.decoder3(dec, enc2)
+        dec = self.decoder2(dec, enc1)
+        return self.out(self.decoder1(dec, enc0))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return pooled_embedding(self.encode(x)[1])
+
+
+def build_encoder(feature_size: int, in_channels: int = 1, *, small_crop: str | bool | None = None,
+                  grad_checkpoint: bool = False, use_checkpoint: bool | None = None,
+                  drop_path_rate: float = 0.0) -> SwinEncoder:
+    """VoCo's encoder. small_crop=True picks "bypass" (see SwinEncoder); use_checkpoint is MONAI's alias
+    for grad_checkpoint (checkpoint each Swin block)."""
+    if small_crop is True:
+        small_crop = "bypass"
+    return SwinEncoder(feature_size, in_channels, small_crop=small_crop or None,
+                       grad_checkpoint=bool(use_checkpoint) if use_checkpoint is not None else grad_checkpoint,
+                       drop_path_rate=drop_path_rate)
+
+
+def build_swinunetr(feature_size: int, out_channels: int, in_channels: int = 1, **opts) -> SwinUNETR:
+    """Segmentation SwinUNETR-v2 with our encoder; state dict identical to MONAI's SwinUNETR(use_v2=True)."""
+    return SwinUNETR(feature_size, out_channels, in_channels, **opts)
