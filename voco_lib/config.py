@@ -125,8 +125,37 @@ class TrainConfig:
     chain: str = "abdomen"  # preprocessing chain (voco_lib.data.preprocess.CHAINS)
     region_mode: str | None = None  # None: the chain's; "crop" | "resize" (whole volume resized to the region)
     cache_dir: str | None = None  # preprocessing cache; None: $VOCO_DATA_DIR (or ~/.cache/voco)/preprocessed
-    phantom_shape: Triple = (160, 160, 128)  # voxels at 1.5 mm, for --data phantom
+    phantom_shape: Triple = (160, 160, 128)  # voxels, for --data phantom
+    phantom_spacing: float = 1.5  # mm; phantoms are made at this spacing and not resampled again
     n_eval: int = 4  # held-out volumes whose fixed views measure position-prediction accuracy
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Downstream fine-tuning (`voco_lib.tasks`). `None` takes the task manifest's value (the authors' recipe).
+
+    Upstream (spec §7.2): AdamW lr 3e-4 wd 1e-5, warmup-cosine stepped per iteration, one volume -> 4 crops per
+    iteration, validation every 10 epochs with a 0.75-overlap sliding window.
+    """
+
+    steps: int | None = None  # None: task epochs x training volumes (one volume per iteration, as upstream)
+    batch_size: int = 4  # crops (segmentation) or volumes/pairs per step
+    lr: float | None = None  # None: the task's
+    weight_decay: float = 1e-5
+    warmup_steps: int | None = None  # None: the task's warmup epochs x training volumes (0 if not known)
+    roi: Triple | None = None  # None: the task's
+    eval_every: int | None = None  # steps; None: every 10 epochs
+    n_train: int = 8  # phantom tasks: labelled pool (--n-labeled K keeps the first K)
+    n_val: int = 4  # phantom tasks: validation volumes (pairs for registration)
+    sw_overlap: float = 0.75
+    sw_batch_size: int = 2
+    hd95: bool = True  # HD95 in the final evaluation (segmentation)
+    min_coverage: float = 1.0  # encoder keys an init checkpoint must cover (in_channels != 1 lowers it, listed)
+    text_encoder: str = "transformer"  # vision-language: "transformer" | "bag" | "module:factory"
+    amp: str = "off"  # "off" | "bf16" | "fp16"; CUDA only
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -142,20 +171,54 @@ class Profile:
     loss: LossConfig = field(default_factory=LossConfig)
     heads: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+
+# Phantom runs: a whole torso at 3 mm (80x80x64 voxels) resized to the region (the TPAMI head/neck "resize"
+# mode), so base crops are anatomical quadrants/ninths and position is learnable in minutes on a CPU.
+_PHANTOM = dict(region_mode="resize", phantom_shape=(80, 80, 64), phantom_spacing=3.0)
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         "smoke", ViewConfig(region=(64, 64, 32), grid=(2, 2, 1), n_random=2), feature_size=12,
         batch_size=2, n_volumes=4, steps=4, heads=HeadConfig(hidden_dim=256, out_dim=256),
+        train=TrainConfig(lr=5e-4, warmup_steps=2, checkpoint_every=2, eval_every=2, log_every=1, n_eval=2,
+                          **_PHANTOM),
     ),
     "cpu": Profile(
-        "cpu", ViewConfig(region=(96, 96, 32), grid=(3, 3, 1), n_random=2), feature_size=12,
-        batch_size=2, n_volumes=32, steps=300, heads=HeadConfig(hidden_dim=512, out_dim=512),
+        "cpu", ViewConfig(region=(64, 64, 32), grid=(2, 2, 1), n_random=2), feature_size=12,
+        batch_size=2, n_volumes=32, steps=100, heads=HeadConfig(hidden_dim=512, out_dim=512),
+        train=TrainConfig(lr=5e-4, warmup_steps=10, checkpoint_every=25, eval_every=20, log_every=5, n_eval=4,
+                          **_PHANTOM),
     ),
-    "gpu": Profile("gpu", PRESETS["tpami"], feature_size=48, batch_size=2, n_volumes=0, steps=100_000),
-    "paper": Profile("paper", PRESETS["tpami"], feature_size=48, batch_size=2, n_volumes=0, steps=2_000_000),
+    # One GPU: TPAMI views (3x3 grid of 64³), Swin-B, bf16, gradient checkpointing, user data.
+    "gpu": Profile(
+        "gpu", PRESETS["tpami"], feature_size=48, batch_size=2, n_volumes=0, steps=100_000,
+        train=TrainConfig(amp="bf16", grad_checkpoint=True, warmup_steps=5000, checkpoint_every=2000,
+                          eval_every=2000, log_every=50, workers=8),
+    ),
+    # The authors' TPAMI recipe (spec §5.1): 2 volumes per GPU x 8 GPUs (torchrun --nproc_per_node=8),
+    # AdamW lr 1e-4 amsgrad wd 0.01, 5,000 warmup steps, 2,000,000 steps (their default), fp16 AMP with a
+    # GradScaler, gradient checkpointing, 16 workers, a checkpoint every 20,000 steps. feature_size=96|192: L|H.
+    "paper": Profile(
+        "paper", PRESETS["tpami"], feature_size=48, batch_size=2, n_volumes=0, steps=2_000_000,
+        train=TrainConfig(amp="fp16", grad_checkpoint=True, warmup_steps=5000, checkpoint_every=20_000,
+                          eval_every=20_000, log_every=100, workers=16),
+    ),
 }
+
+
+# Fine-tuning per profile (voco_lib.tasks), set here so each module edits its own lines. smoke/cpu are sized
+# for the phantom tasks (a 64x64x32 volume per sample); gpu/paper keep the authors' recipe from the task manifest.
+_FINETUNE = {
+    "smoke": FinetuneConfig(steps=4, batch_size=1, eval_every=2, n_train=2, n_val=1, sw_overlap=0.25,
+                            checkpoint_every=2, log_every=1),
+    "cpu": FinetuneConfig(steps=120, batch_size=2, eval_every=20, n_train=8, n_val=4, sw_overlap=0.25,
+                          checkpoint_every=40, log_every=5),
+    "gpu": FinetuneConfig(amp="bf16"),
+    "paper": FinetuneConfig(amp="fp16"),
+}
+PROFILES = {k: replace(p, finetune=_FINETUNE.get(k, p.finetune)) for k, p in PROFILES.items()}
 
 
 def profile_name(requested: str | None = None) -> str:

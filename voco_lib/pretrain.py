@@ -207,10 +207,11 @@ def evaluate(model: VoCoModel, views: list[Views], batch_size: int) -> dict[str,
 
 # ------------------------------------------------------------------------------------------------ optim
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """lr factor: t/W during warmup, then ½(1 + cos(π(t − W)/(T − W))), floored at 0 (spec §5.1)."""
+    """lr factor: t/W during warmup, then ½(1 + cos(π(t − W)/(T − W))), and 0 from T on (spec §5.1)."""
     if step < warmup:
         return step / max(1, warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def build_optimizer(model: VoCoModel, cfg: Profile) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -352,6 +353,17 @@ class _Stop:
             signal.signal(s, h)
 
 
+@torch.no_grad()
+def check_ranks_in_sync(model: nn.Module) -> None:
+    """Every rank must hold bit-identical weights (student, teacher): elementwise max == min across ranks."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.state_dict().values() if p.is_floating_point()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        raise RuntimeError(f"DDP ranks diverged: {(hi != lo).sum().item()} weights differ across ranks")
+
+
 def _perf_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
@@ -460,6 +472,7 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
         order.next_step = step
         rngs = [None] * rt.world
         if rt.distributed:
+            check_ranks_in_sync(model)
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -40,22 +39,24 @@ def sample_seed(seed: int, epoch: int, index: int, stream: int = TRAIN_STREAM) -
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("VOCO_DATA_DIR") or Path.home() / ".cache" / "voco") / "preprocessed"
+    from voco_lib.data.manifests import data_dir
+
+    return data_dir() / "preprocessed"
 
 
 # ---------------------------------------------------------------------------------------------- volumes
 class PhantomVolumes:
     """Preprocessed phantom volumes held in memory (uint16, shared copy-on-write with forked workers).
 
-    Phantoms are generated directly at the chain's voxel spacing, so the chain does no resampling: the
-    phantom plays a CT that was already resampled (and generating it at 1.5 mm is what costs time).
+    Phantoms are generated directly at `spacing` and the chain keeps it (no resampling): the phantom plays a
+    CT already resampled; a coarse spacing (3 mm) makes a whole torso in a few voxels, cheaply.
     """
 
-    def __init__(self, seeds: Sequence[int], shape: Sequence[int], chain: str = "abdomen"):
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int], chain: str = "abdomen", spacing: float = 1.5):
         from voco_lib.data.phantom import make_phantom
 
-        c = get_chain(chain)
-        spacing = c.spacing or (1.5, 1.5, 1.5)
+        spacing = (float(spacing),) * 3
+        c = dataclasses.replace(get_chain(chain), spacing=spacing)
         self.seeds = list(seeds)
         self.volumes: list[torch.Tensor] = []
         for s in self.seeds:
@@ -110,14 +111,14 @@ def build_volumes(data: str, cfg: Profile) -> tuple[object, object]:
     """
     t = cfg.train
     if data == "phantom":
-        train = PhantomVolumes(range(t.seed, t.seed + cfg.n_volumes), t.phantom_shape, t.chain)
+        train = PhantomVolumes(range(t.seed, t.seed + cfg.n_volumes), t.phantom_shape, t.chain, t.phantom_spacing)
         held = PhantomVolumes(range(EVAL_SEED_OFFSET + t.seed, EVAL_SEED_OFFSET + t.seed + t.n_eval),
-                              t.phantom_shape, t.chain)
+                              t.phantom_shape, t.chain, t.phantom_spacing)
         return train, held
     if data == "samples":
         from voco_lib.data.fetch import fetch_samples
 
-        data = str(fetch_samples(Path(os.environ.get("VOCO_DATA_DIR") or Path.home() / ".cache" / "voco") / "samples"))
+        data = str(fetch_samples())
     path = Path(data)
     if not path.is_file():
         raise FileNotFoundError(f"--data {data}: no such datalist; pass 'phantom', 'samples' or an MSD-style JSON file")

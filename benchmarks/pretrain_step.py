@@ -1,0 +1,119 @@
+"""Where a pre-training step spends its time: data / forward / backward / optimizer, samples/s, peak memory.
+
+CPU: the `cpu` profile (target: data < 10 % of the step). With CUDA: the `gpu` profile (Swin-B, 64³, bf16),
+ours against the same step built on MONAI's SwinUNETR encoder, in the same process.
+
+    .venv/bin/python benchmarks/pretrain_step.py [--steps 5] [--profile cpu] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from voco_lib.data.loader import InfiniteOrder, ViewsDataset, build_volumes, make_loader, region_mode_of, views_to
+from voco_lib.losses import voco_loss
+from voco_lib.pretrain import VoCoModel, build_config, build_optimizer, tune_allocator
+
+
+class MonaiEncoder(nn.Module):
+    """Reference: MONAI SwinUNETR(use_v2=True) encoder parts, pooled and concatenated as upstream (spec §2.2)."""
+
+    def __init__(self, feature_size: int, grad_checkpoint: bool):
+        super().__init__()
+        from monai.networks.nets import SwinUNETR
+
+        m = SwinUNETR(in_channels=1, out_channels=2, feature_size=feature_size, use_v2=True,
+                      use_checkpoint=grad_checkpoint)
+        self.swinViT, self.encoder1, self.encoder2 = m.swinViT, m.encoder1, m.encoder2
+        self.encoder3, self.encoder4, self.encoder10 = m.encoder3, m.encoder4, m.encoder10
+        self.embed_dim = 24 * feature_size
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        hs = self.swinViT(x)
+        maps = [self.encoder1(x), self.encoder2(hs[0]), self.encoder3(hs[1]), self.encoder4(hs[2]),
+                self.encoder10(hs[4])]
+        return torch.cat([f.mean((2, 3, 4)) for f in maps], 1)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench(cfg, steps: int, dev: torch.device, backbone: nn.Module | None = None, label: str = "ours") -> dict:
+    torch.manual_seed(0)
+    model = VoCoModel(cfg)
+    if backbone is not None:
+        model.backbone = backbone
+    model = model.to(dev).train()
+    opt, sched = build_optimizer(model, cfg)
+    amp = cfg.train.amp if dev.type == "cuda" else "off"
+    vols, _ = build_volumes("phantom", dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, n_eval=0)))
+    ds = ViewsDataset(vols, cfg.views, region_mode_of(cfg), cfg.train.seed)
+    batches = iter(make_loader(ds, InfiniteOrder(len(vols), cfg.batch_size, 0), cfg.train.workers))
+    times: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for i in range(steps + 1):  # the first step warms up and is not counted
+        t0 = time.perf_counter()
+        v = views_to(next(batches), dev)
+        _sync(dev)
+        t1 = time.perf_counter()
+        model.ema_update()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            emb = model(v.random, v.bases)
+        loss = voco_loss(*emb, v.labels, cfg.loss)["loss"]
+        _sync(dev)
+        t2 = time.perf_counter()
+        loss.backward()
+        _sync(dev)
+        t3 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        _sync(dev)
+        t4 = time.perf_counter()
+        if i:
+            for k, d in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                times[k].append(d)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    step = sum(med.values())
+    mem = (torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    crops = cfg.batch_size * (cfg.views.n_random + cfg.views.n_bases)
+    print(f"[{label}] step {step:.3f} s = " + ", ".join(f"{k} {v:.3f} s ({100 * v / step:.1f} %)" for k, v in med.items()))
+    print(f"[{label}] {cfg.batch_size / step:.2f} volumes/s ({crops / step:.1f} crops/s), peak "
+          f"{'GPU' if dev.type == 'cuda' else 'process RSS'} memory {mem:.2f} GB")
+    return {"step": step, **med, "mem": mem}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--profile", default=None, help="default: cpu without CUDA, gpu with it")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        tune_allocator()
+    cfg = build_config(a.profile or ("gpu" if cuda else "cpu"), a.overrides)
+    print(f"profile {cfg.name}: {cfg.batch_size} volumes x ({cfg.views.n_random} random + {cfg.views.n_bases} bases) "
+          f"crops of {cfg.views.out_size or cfg.views.crop_size}, feature {cfg.feature_size}, device "
+          f"{torch.cuda.get_device_name() if cuda else f'cpu ({torch.get_num_threads()} threads)'}")
+    ours = bench(cfg, a.steps, dev)
+    print(f"data share of the step: {100 * ours['data'] / ours['step']:.1f} % (target < 10 %)")
+    if cuda:
+        ref = bench(cfg, a.steps, dev, MonaiEncoder(cfg.feature_size, cfg.train.grad_checkpoint), "MONAI SwinUNETR")
+        print(f"ours / MONAI: step time x{ours['step'] / ref['step']:.2f}, peak memory x{ours['mem'] / ref['mem']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
