@@ -37,21 +37,26 @@ SMALL_CROP_VARIANTS = ("bypass", "upsample")
 # ------------------------------------------------------------------------------------------------ geometry
 @dataclass(frozen=True)
 class WindowGroup:
-    """Windows with one mask pattern: token indices (G, n_real), their slots in the window, pad slots, mask."""
+    """Windows sharing one mask pattern; their real tokens sit contiguously in the plan's token order."""
 
-    tokens: torch.Tensor  # (G, n_real) int64 indices into the flattened (d·h·w) token grid
-    real_slots: torch.Tensor  # (n_real,) positions inside the window of the real tokens
+    n_windows: int
+    real_slots: torch.Tensor  # (n_real,) positions inside the window of the real tokens (row-major)
     pad_slots: torch.Tensor  # (n_pad,) positions inside the window that are padding
     shift_mask: torch.Tensor | None  # (n, n) 0 / MASK_VALUE, or None without shift
 
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """How one (shifted) window attention maps onto a d×h×w token grid; `inverse` undoes the group order."""
+    """One attention layout on a d×h×w grid: token order (windows grouped by pattern) and the groups."""
 
     window: tuple[int, int, int]
     groups: tuple[WindowGroup, ...]
-    inverse: torch.Tensor  # (d·h·w,) position of each token in the concatenated group outputs
+    order: torch.Tensor  # (N,) natural token index at each position of the plan order
+    inverse: torch.Tensor  # (N,) position in the plan order of each natural token
+
+    @property
+    def group_sizes(self) -> list[int]:
+        return [g.n_windows * g.real_slots.numel() for g in self.groups]
 
 
 def effective_window(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...]):
@@ -67,39 +72,51 @@ def window_plan(dims: tuple[int, int, int], window: tuple[int, int, int], shift:
     """Cached geometry of one attention layout (computed once per input size, stage and shift)."""
     win, sh = effective_window(dims, window, shift)
     padded = [-(-d // w) * w for d, w in zip(dims, win)]
-    # shifted coordinates p hold the padded token at (p + shift) mod padded (MONAI rolls by -shift)
+    # shifted coordinate p holds the padded token at (p + shift) mod padded (MONAI rolls by -shift)
     axes = []
     for d, w, s, p in zip(dims, win, sh, padded):
-        src = (torch.arange(p) + s) % p  # source coordinate along this axis
+        src = (torch.arange(p) + s) % p
         region = torch.zeros(p, dtype=torch.long)  # MONAI's compute_mask slices, in shifted coordinates
         if s > 0:
             region[p - w: p - s] = 1
             region[p - s:] = 2
         axes.append((src.view(p // w, w), (src >= d).view(p // w, w), region.view(p // w, w)))
     groups: dict[tuple, list[torch.Tensor]] = {}
-    patterns = {}
     for wi in itertools.product(*[range(p // w) for p, w in zip(padded, win)]):
         (sd, pd, rd), (sy, py, ry), (sx, px, rx) = [(a[0][i], a[1][i], a[2][i]) for a, i in zip(axes, wi)]
         src = (sd[:, None, None] * dims[1] + sy[None, :, None]) * dims[2] + sx[None, None, :]
         pad = (pd[:, None, None] | py[None, :, None] | px[None, None, :]).flatten()
         region = (rd[:, None, None] * 9 + ry[None, :, None] * 3 + rx[None, None, :]).flatten()
-        key = (tuple(pad.tolist()), tuple(region.tolist()))
-        patterns[key] = (pad, region)
-        groups.setdefault(key, []).append(src.flatten()[~pad])
+        groups.setdefault((tuple(pad.tolist()), tuple(region.tolist())), []).append(src.flatten()[~pad])
     out, order = [], []
-    for key, toks in groups.items():
-        pad, region = patterns[key]
-        mask = None
-        if any(sh):
-            mask = torch.where(region[:, None] == region[None, :], 0.0, MASK_VALUE).to(device)
-        tokens = torch.stack(toks)
-        order.append(tokens.flatten())
-        out.append(WindowGroup(tokens.to(device), torch.nonzero(~pad).flatten().to(device),
+    for (pad, region), toks in groups.items():
+        pad, region = torch.tensor(pad), torch.tensor(region)
+        mask = torch.where(region[:, None] == region[None, :], 0.0, MASK_VALUE).to(device) if any(sh) else None
+        out.append(WindowGroup(len(toks), torch.nonzero(~pad).flatten().to(device),
                                torch.nonzero(pad).flatten().to(device), mask))
+        order.extend(toks)
     perm = torch.cat(order)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel())
-    return WindowPlan(win, tuple(out), inverse.to(device))
+    return WindowPlan(win, tuple(out), perm.to(device), inverse.to(device))
+
+
+class _Reorder(torch.autograd.Function):
+    """x[:, index] along the token axis for a permutation; backward is the inverse gather (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def reorder(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    return _Reorder.apply(x, index, inverse)
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -114,43 +131,46 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(n_rel, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij")).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (n, n, 3), offsets
-        rel = rel + torch.tensor(window) - 1
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + torch.tensor(window) - 1
         index = (rel[..., 0] * (2 * window[1] - 1) + rel[..., 1]) * (2 * window[2] - 1) + rel[..., 2]
         self.register_buffer("relative_position_index", index)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def group_bias(self, group: WindowGroup, n: int) -> torch.Tensor:
-        """(heads, n_real, n_real [+1]) additive bias: position bias + shift mask; pad keys collapsed."""
-        # MONAI indexes the full-window table with [:n, :n] also when the window shrinks (small maps)
-        index = self.relative_position_index[:n, :n][group.real_slots]
-        bias = self.relative_position_bias_table[index].permute(2, 0, 1)  # (h, n_real, n)
+    def window_bias(self, n: int) -> torch.Tensor:
+        """(heads, n, n) relative position bias of an n-token window.
+
+        MONAI indexes the full-window table with [:n, :n] also when the window shrinks (small maps)."""
+        return F.embedding(self.relative_position_index[:n, :n], self.relative_position_bias_table).permute(2, 0, 1)
+
+    @staticmethod
+    def group_bias(bias: torch.Tensor, group: WindowGroup) -> torch.Tensor:
+        """(heads, n_real, n_real [+1]): window bias + shift mask for the real tokens; pad keys collapsed."""
         if group.shift_mask is not None:
-            bias = bias + group.shift_mask[group.real_slots]
-        real = bias[:, :, group.real_slots]
+            bias = bias + group.shift_mask
         if group.pad_slots.numel() == 0:
-            return real
-        return torch.cat([real, bias[:, :, group.pad_slots].logsumexp(-1, keepdim=True)], -1)
+            return bias
+        rows = bias.index_select(1, group.real_slots)
+        pad = rows.index_select(2, group.pad_slots).logsumexp(-1, keepdim=True)
+        return torch.cat([rows.index_select(2, group.real_slots), pad], -1)
 
     def forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-        """x: (b, N, C) normalised tokens of a d×h×w grid (flattened, channels last) -> (b, N, C)."""
+        """x: (b, N, C) normalised tokens in `plan.order` -> (b, N, C) in the same order."""
         b, _, c = x.shape
-        h = self.num_heads
-        qkv = self.qkv(x)
-        n = plan.window[0] * plan.window[1] * plan.window[2]
+        h, hd = self.num_heads, c // self.num_heads
+        bias = self.window_bias(plan.window[0] * plan.window[1] * plan.window[2])
         outs = []
-        for g in plan.groups:
-            n_win, n_real = g.tokens.shape
-            t = qkv[:, g.tokens.flatten()].view(b, n_win, n_real, 3, h, c // h)
-            q, k, v = t.permute(3, 0, 1, 4, 2, 5).reshape(3, b * n_win, h, n_real, c // h).unbind(0)
+        for g, t in zip(plan.groups, self.qkv(x).split(plan.group_sizes, 1)):
+            n_real, bw = g.real_slots.numel(), b * g.n_windows
+            q, k, v = t.view(b, g.n_windows, n_real, 3, h, hd).permute(3, 0, 1, 4, 2, 5).reshape(
+                3, bw, h, n_real, hd).unbind(0)
             if g.pad_slots.numel():  # one key standing for all pad tokens of the window (zeros after norm1)
                 pad_k, pad_v = self._pad_key_value(c, q.dtype).unbind(0)
-                k = torch.cat([k, pad_k.expand(b * n_win, h, 1, c // h)], 2)
-                v = torch.cat([v, pad_v.expand(b * n_win, h, 1, c // h)], 2)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.group_bias(g, n).to(q.dtype), scale=self.scale)
-            outs.append(o.view(b, n_win, h, n_real, c // h).transpose(2, 3).reshape(b, n_win * n_real, c))
-        return self.proj(torch.cat(outs, 1)[:, plan.inverse])
+                k = torch.cat([k, pad_k.expand(bw, h, 1, hd)], 2)
+                v = torch.cat([v, pad_v.expand(bw, h, 1, hd)], 2)
+            o = attention(q, k, v, self.group_bias(bias, g).to(q.dtype), self.scale)
+            outs.append(o.view(b, g.n_windows, h, n_real, hd).transpose(2, 3).reshape(b, -1, c))
+        return self.proj(torch.cat(outs, 1))
 
     def _pad_key_value(self, c: int, dtype: torch.dtype) -> torch.Tensor:
         """(2, 1, h, 1, c/h): the key and value of a zero token, i.e. the qkv bias (or zeros without bias)."""
@@ -160,9 +180,22 @@ class WindowAttention(nn.Module):
         return self.qkv.bias[c:].view(2, 1, h, 1, c // h).to(dtype)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + bias)·v. PyTorch's fused kernels where they accept this (CUDA, or no gradient);
+    on CPU with gradients the plain form (the fused CPU kernel refuses a bias that needs a gradient and the
+    fallback does extra masking work)."""
+    if q.is_cuda or not torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    scores = torch.matmul(q * scale, k.transpose(-2, -1)).add_(bias)
+    return torch.matmul(scores.softmax(-1), v)
+
+
 # ------------------------------------------------------------------------------------------------ blocks
 class SwinBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x)). MONAI: SwinTransformerBlock."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then + mlp(norm2(x)). MONAI: SwinTransformerBlock.
+
+    Works on tokens in its plan's order: every part except attention is per token, so order is free.
+    """
 
     def __init__(self, dim: int, num_heads: int, window: tuple[int, int, int], shift: tuple[int, int, int],
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
@@ -174,8 +207,10 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLPBlock(hidden_size=dim, mlp_dim=int(dim * mlp_ratio), act="GELU", dropout_mode="swin")
 
-    def forward(self, x: torch.Tensor, dims: tuple[int, int, int]) -> torch.Tensor:
-        plan = window_plan(dims, self.window, self.shift, str(x.device))
+    def plan(self, dims: tuple[int, int, int], device: torch.device) -> WindowPlan:
+        return window_plan(dims, self.window, self.shift, str(device))
+
+    def forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), plan))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -197,11 +232,19 @@ class SwinStage(nn.Module):
         """(b, c, d, h, w) -> (b, 2c, d/2, h/2, w/2)."""
         b, c, d, h, w = x.shape
         t = x.permute(0, 2, 3, 4, 1).reshape(b, d * h * w, c)
+        prev = None  # None: tokens in natural (d, h, w) order
         for blk in self.blocks:
+            plan = blk.plan((d, h, w), x.device)
+            if prev is None:
+                t = reorder(t, plan.order, plan.inverse)
+            else:  # from prev's order straight to plan's order
+                t = reorder(t, prev.inverse[plan.order], plan.inverse[prev.order])
             if self.grad_checkpoint and torch.is_grad_enabled():
-                t = cp.checkpoint(blk, t, (d, h, w), use_reentrant=False)
+                t = cp.checkpoint(blk, t, plan, use_reentrant=False)
             else:
-                t = blk(t, (d, h, w))
+                t = blk(t, plan)
+            prev = plan
+        t = reorder(t, prev.inverse, prev.order)
         return self.downsample(t.view(b, d, h, w, c)).permute(0, 4, 1, 2, 3)
 
 
