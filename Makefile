@@ -19,15 +19,25 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# Notebooks 00-03 executed by papermill in the cpu profile into runs/demo/, plus runs/demo/report.html.
 demo: install
-	$(BIN)/voco demo
+	$(BIN)/voco demo --out runs/demo --profile cpu
 
 # The whole suite: unit + integration tests, then the notebooks under nbval in the smoke profile.
 test: install
 	VOCO_PROFILE=smoke $(BIN)/python -m pytest tests
+	VOCO_PROFILE=smoke $(BIN)/python -m pytest --nbval-lax notebooks/
 
 test-fast: install
 	VOCO_PROFILE=smoke $(BIN)/python -m pytest tests -m "not slow and not network and not browser"
+
+# The 3-D viewer in a real browser: Debian's chromium + playwright, JupyterLab runs 01_geometric_context,
+# the NiiVue canvas must not be blank; screenshots in test-artifacts/.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: install
+	@test -x /usr/bin/chromium || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium)
+	$(BIN)/pip install --quiet -e ".[browser]"
+	VOCO_PROFILE=smoke $(BIN)/python tests/browser/run_browser_check.py
 
 bench: install
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

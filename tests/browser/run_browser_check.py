@@ -1,0 +1,154 @@
+"""Real-browser check of the 3-D viewer: JupyterLab + headless Chromium run 01_geometric_context and the
+NiiVue canvas must show the volume (not a blank canvas).
+
+Installs nothing: it needs Debian's Chromium at /usr/bin/chromium and the `browser` extra (playwright);
+`make test-browser` provides both. Steps: start JupyterLab on 127.0.0.1 (no token, a temporary settings
+folder), open the notebook, run all cells, wait for the viewer's canvas, screenshot it and count the pixels
+that differ from the background colour. Screenshots go to test-artifacts/.
+
+    VOCO_PROFILE=smoke .venv/bin/python tests/browser/run_browser_check.py [--negative-control]
+
+`--negative-control` disables WebGL and passes only if the check then FAILS (proves the check can fail).
+Exit code 0 = passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOK = "notebooks/01_geometric_context.ipynb"
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts"
+MIN_FOREGROUND = 0.02  # fraction of canvas pixels that must differ from the background
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_lab(port: int, tmp: Path) -> subprocess.Popen:
+    env = dict(os.environ, VOCO_PROFILE=os.environ.get("VOCO_PROFILE", "smoke"),
+               JUPYTER_CONFIG_DIR=str(tmp / "jupyter-config"), JUPYTER_RUNTIME_DIR=str(tmp / "jupyter-runtime"),
+               JUPYTERLAB_SETTINGS_DIR=str(tmp / "lab-settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp / "lab-ws"))
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+           "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
+           f"--ServerApp.root_dir={REPO}", "--LabApp.expose_app_in_browser=True"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-root")
+    log = open(tmp / "jupyterlab.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"JupyterLab exited (code {proc.returncode}); log: {tmp / 'jupyterlab.log'}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("JupyterLab did not answer within 90 s")
+
+
+def foreground_fraction(png: Path) -> float:
+    """Share of pixels that differ (by > 24 in some channel) from the most common colour, the background."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).astype(np.int16)
+    colours, counts = np.unique(a, axis=0, return_counts=True)
+    bg = colours[counts.argmax()]
+    return float((np.abs(a - bg).max(1) > 24).mean())
+
+
+def run(negative_control: bool, timeout_s: int) -> float:
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        raise SystemExit(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) or run "
+                         "`make test-browser`, which does")
+    ARTIFACTS.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="voco-browser-"))
+    port = _free_port()
+    t0 = time.time()
+    lab = start_lab(port, tmp)
+    name = "negative-control" if negative_control else "01_geometric_context"
+    try:
+        args = ["--no-first-run", "--disable-dev-shm-usage"]
+        if negative_control:
+            args += ["--disable-webgl", "--disable-3d-apis"]
+        with sync_playwright() as p:
+            ctx = p.chromium.launch_persistent_context(
+                str(tmp / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=args,
+                viewport={"width": 1400, "height": 1000}, env=dict(os.environ, HOME=str(tmp)))
+            page = ctx.new_page()
+            page.goto(f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK}?reset", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+                                   " && window.jupyterapp.shell.currentWidget.sessionContext"
+                                   " && window.jupyterapp.shell.currentWidget.sessionContext.session", timeout=60_000)
+            # the "Jupyter news" toast can cover the canvas: answer it if it shows up
+            for label in ("No", "Dismiss"):
+                btn = page.locator(".jp-toast-button, .jp-Notification-Toast button", has_text=label)
+                if btn.count():
+                    btn.first.click()
+            page.evaluate("window.jupyterapp.commands.execute('runmenu:run-all')")
+            canvas = page.locator(".jp-OutputArea-output canvas").first
+            canvas.wait_for(state="visible", timeout=timeout_s * 1000)
+            # done when the kernel is idle and no cell waits for execution ("[*]")
+            page.wait_for_function(
+                "() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'"
+                " && ![...document.querySelectorAll('.jp-InputArea-prompt')].some(e => e.textContent.includes('*'))",
+                timeout=timeout_s * 1000)
+            canvas.scroll_into_view_if_needed()
+            page.wait_for_timeout(3000)  # let NiiVue finish drawing (software WebGL)
+            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
+                                  has_text="Traceback")
+            n_errors = errors.count()
+            shot = ARTIFACTS / f"browser-{name}-canvas.png"
+            canvas.screenshot(path=str(shot))
+            page.screenshot(path=str(ARTIFACTS / f"browser-{name}-page.png"), full_page=False)
+            ctx.close()
+        frac = foreground_fraction(shot)
+        print(f"browser check ({name}): canvas {shot} has {frac:.1%} non-background pixels; "
+              f"{n_errors} cell errors; {time.time() - t0:.0f} s")
+        if n_errors:
+            raise SystemExit(f"FAILED: {n_errors} cell(s) raised in JupyterLab; see {ARTIFACTS}/browser-{name}-page.png")
+        return frac
+    finally:
+        lab.terminate()
+        try:
+            lab.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            lab.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--negative-control", action="store_true", help="WebGL off: expect a blank canvas")
+    ap.add_argument("--timeout", type=int, default=150, help="seconds for running the notebook")
+    a = ap.parse_args()
+    frac = run(a.negative_control, a.timeout)
+    drawn = frac >= MIN_FOREGROUND
+    if a.negative_control:
+        print("negative control:", "FAILED (the canvas was drawn without WebGL?)" if drawn else "ok, blank as expected")
+        return 1 if drawn else 0
+    print("PASSED: the viewer drew the volume" if drawn else f"FAILED: canvas is blank (< {MIN_FOREGROUND:.0%})")
+    return 0 if drawn else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

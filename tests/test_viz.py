@@ -1,0 +1,175 @@
+"""Figures and the 3-D viewer facade: geometry drawn where it belongs, files written whole, no hanging backends."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from voco_lib import demo, viz
+from voco_lib.config import resolve
+from voco_lib.crops import grid_boxes, overlap_labels
+
+
+def _rects(ax, color):
+    from matplotlib.colors import to_rgba
+
+    return [p for p in ax.patches if isinstance(p, Rectangle) and p.get_edgecolor() == to_rgba(color)]
+
+
+def test_outline_volume_draws_only_the_twelve_edges():
+    out = viz.outline_volume((10, 10, 10), torch.tensor([[[2, 6], [2, 6], [2, 6]]]))
+    # a 4x4x4 box: 12 edges of 4 voxels, each of the 8 corners counted by 3 edges -> 48 - 16 = 32 voxels
+    assert (out > 0).sum() == 32
+    assert out[2, 2, 2] == 1 and out[5, 5, 5] == 1 and out[3, 3, 3] == 0 and out[2, 3, 3] == 0
+    two = viz.outline_volume((10, 10, 10), [[[0, 10], [0, 10], [0, 10]], [[2, 6], [2, 6], [2, 6]]], values=[7, 9])
+    assert set(np.unique(two)) == {0, 7, 9}
+    assert two[9, 9, 0] == 7  # a box reaching the border is clipped, not dropped
+
+
+def test_nifti_bytes_round_trip_keeps_data_and_spacing():
+    arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    img = nib.Nifti1Image.from_bytes(viz.nifti_bytes(arr, (1.5, 2.0, 3.0)))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), arr)
+    np.testing.assert_allclose(img.header.get_zooms(), (1.5, 2.0, 3.0))
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+
+
+def test_plane_views_draw_boxes_in_mm_with_radiological_axes():
+    img = np.random.default_rng(0).random((64, 64, 32)).astype(np.float32)
+    grid = grid_boxes((64, 64, 32), (2, 2, 1))
+    crop = torch.tensor([[[8, 40], [8, 40], [0, 32]]])
+    fig = viz.plane_views(img, (3.0, 2.0, 4.0), grid, crop)
+    axial, coronal, sagittal = fig.axes[:3]
+    # the patient's right (high x) on the viewer's left; anterior up; mm extents
+    assert axial.get_xlim() == (64 * 3.0, 0) and axial.get_ylim() == (0, 64 * 2.0)
+    assert coronal.get_ylim() == (0, 32 * 4.0)
+    assert axial.get_xlabel().startswith("R") and axial.get_ylabel().startswith("P")
+    assert sagittal.get_xlabel().startswith("A") and sagittal.get_ylabel().startswith("I")
+    (r,) = _rects(axial, viz.CROP_COLOR)
+    assert (r.get_x(), r.get_y(), r.get_width(), r.get_height()) == (24.0, 16.0, 96.0, 64.0)
+    (r,) = _rects(sagittal, viz.CROP_COLOR)  # horizontal y (2 mm), vertical z (4 mm)
+    assert (r.get_x(), r.get_y(), r.get_width(), r.get_height()) == (16.0, 0.0, 64.0, 128.0)
+    assert len(_rects(axial, viz.GRID_COLOR)) == 4
+    # default slice: the crop's centre (x = 24 voxels -> 72 mm)
+    assert "72 mm" in sagittal.get_title()
+
+
+def test_plane_views_rejects_non_3d_input():
+    with pytest.raises(ValueError, match="3-D"):
+        viz.plane_views(np.zeros((4, 4)))
+
+
+def test_label_heatmap_puts_each_value_in_its_grid_cell():
+    grid = (2, 2, 1)
+    crop = torch.tensor([[[8, 40], [8, 40], [0, 32]]])
+    labels = overlap_labels(crop, grid_boxes((64, 64, 32), grid))[0]  # [0.5625, 0.1875, 0.1875, 0.0625]
+    fig = viz.label_heatmap(labels, grid, (64.0, 64.0))
+    texts = {(round(t.get_position()[0]), round(t.get_position()[1])): t.get_text() for t in fig.axes[0].texts
+             if t.get_text()[:1].isdigit()}
+    # cell (i, j) is centred at ((i + .5) * 32, (j + .5) * 32) mm; k = 2i + j
+    assert texts[(16, 16)] == "0.56" and texts[(16, 48)] == "0.19" and texts[(48, 16)] == "0.19"
+    assert texts[(48, 48)] == "0.06"
+    with pytest.raises(ValueError, match="does not fit"):
+        viz.label_heatmap(torch.ones(5), grid)
+
+
+def test_plot_prediction_reports_the_mean_error():
+    fig = viz.plot_prediction([0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], (2, 2, 1), (10.0, 10.0))
+    assert "mean 0.250" in fig.axes[2].get_title()
+
+
+def test_plot_metrics_from_jsonl_and_figure_written(tmp_path):
+    recs = [{"kind": "eval", "step": 0, "top1": 0.25, "mae": 0.3, "chance": 0.25}]
+    recs += [{"kind": "train", "step": s, "loss": 1.0 / s, "intra": 0.5 / s, "inter": 0.1, "reg": 0.2, "lr": 1e-4 * s}
+             for s in range(1, 5)]
+    recs += [{"kind": "eval", "step": 4, "top1": 0.75, "mae": 0.1, "chance": 0.25}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    fig = viz.plot_metrics(tmp_path, tmp_path / "figures")
+    loss_ax, lr_ax, acc_ax = fig.axes[:3]
+    assert [ln.get_label() for ln in loss_ax.lines] == ["loss", "intra", "inter", "reg"]
+    np.testing.assert_allclose(loss_ax.lines[0].get_ydata(), [1.0, 0.5, 1 / 3, 0.25])
+    np.testing.assert_allclose(lr_ax.lines[0].get_ydata(), [1e-4, 2e-4, 3e-4, 4e-4])
+    np.testing.assert_allclose(acc_ax.lines[0].get_ydata(), [0.25, 0.75])
+    png = tmp_path / "figures" / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in (tmp_path / "figures").iterdir()] == ["metrics.png"]  # no temp file left
+    with pytest.raises(FileNotFoundError, match="no metrics file"):
+        viz.plot_metrics(tmp_path / "nothing_here")
+
+
+def test_save_figure_writes_into_the_run_dir_figures(tmp_path):
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+    path = viz.save_figure(fig, tmp_path, "curve")
+    assert path == tmp_path / "figures" / "curve.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_box_class_fractions():
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[:2, :2, :2] = 3  # 8 of the 16 voxels in the box below
+    lab[2, 0, 0] = 5  # outside the box
+    fr = viz.box_class_fractions(lab, [[[0, 2], [0, 4], [0, 2]]], {3: "liver"})
+    assert fr == {"liver": 0.5}
+
+
+def test_view3d_without_a_kernel_returns_the_static_figure():
+    fig = viz.view3d(np.zeros((8, 8, 8), np.float32), boxes=[[[0, 4], [0, 4], [0, 4]]])
+    assert isinstance(fig, Figure)
+    with pytest.raises(ValueError, match="backend"):
+        viz.view3d(np.zeros((8, 8, 8)), backend="vtk")
+
+
+def test_view3d_niivue_widget_carries_volume_labels_and_boxes(monkeypatch):
+    pytest.importorskip("ipyniivue")
+    monkeypatch.setattr(viz, "in_kernel", lambda: True)
+    img = np.random.default_rng(1).random((20, 16, 12)).astype(np.float32)
+    lab = np.zeros(img.shape, np.uint8)
+    lab[5:10, 5:10, 5:10] = 2
+    boxes = [[[0, 10], [0, 8], [0, 12]], [[4, 14], [2, 10], [0, 12]]]
+    nv = viz.view3d(img, lab, boxes, spacing=(2.0, 2.0, 3.0), label_names={2: "liver"})
+    assert [v.name for v in nv.volumes] == ["image.nii", "label.nii", "boxes.nii"]
+    back = nib.Nifti1Image.from_bytes(nv.volumes[0].data)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), img)
+    np.testing.assert_allclose(back.header.get_zooms(), (2.0, 2.0, 3.0))
+    edges = np.asarray(nib.Nifti1Image.from_bytes(nv.volumes[2].data).dataobj)
+    np.testing.assert_array_equal(edges, viz.outline_volume(img.shape, boxes, [1, 2]))
+    assert nv.volumes[1].colormap_label.labels[2] == "liver"
+    # big volumes are subsampled for software WebGL
+    big = viz.view3d(np.zeros((300, 10, 10), np.float32), max_size=100)
+    assert nib.Nifti1Image.from_bytes(big.volumes[0].data).shape == (100, 4, 4)
+
+
+def test_itk_backend_is_refused_in_headless_runs(monkeypatch):
+    pytest.importorskip("ipyniivue")
+    monkeypatch.setattr(viz, "in_kernel", lambda: True)
+    monkeypatch.setenv("VOCO_PROFILE", "smoke")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nv = viz.view3d(np.zeros((8, 8, 8), np.float32), backend="itk")
+    assert type(nv).__name__ == "NiiVue"
+    assert any("headless" in str(w.message) for w in caught)
+
+
+def test_fixed_views_labels_by_hand():
+    cfg = resolve("smoke")  # region 64x64x32, grid 2x2x1, 32³ crops
+    region = torch.arange(64 * 64 * 32, dtype=torch.float32).reshape(64, 64, 32)
+    v = demo.fixed_views(region, cfg, [[8, 8, 0], [32, 0, 0]])
+    torch.testing.assert_close(v.labels, torch.tensor([[0.5625, 0.1875, 0.1875, 0.0625], [0.0, 0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(v.random[0, 0], region[8:40, 8:40, 0:32])
+    torch.testing.assert_close(v.bases[3, 0], region[32:, 32:, :])
+    with pytest.raises(ValueError, match="leave the region"):
+        demo.fixed_views(region, cfg, [[40, 0, 0]])
+
+
+def test_pretrain_or_reuse_never_deletes_a_foreign_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a voco run directory"):
+        demo.pretrain_or_reuse(tmp_path, "smoke", fresh=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
