@@ -1,0 +1,145 @@
+"""Ours vs MONAI SwinUNETR(use_v2=True) encoder: forward+backward time per iteration and peak memory.
+
+Both sides get the same weights (one MONAI state dict, loaded strictly into each), the same input and
+the same loss (sum of the squared pooled embedding), each in its own fresh subprocess so that peak memory
+is measured fairly (peak RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA), under the same allocator
+settings (`--allocator tuned` keeps freed memory in glibc, see shared/reference/swin-speed-notes.md).
+
+    python benchmarks/backbone.py                       # CPU, the two issue configurations
+    python benchmarks/backbone.py --device cuda --bf16  # GPU, bf16 autocast
+    python benchmarks/backbone.py --configs 12:64:1 --iters 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def monai_model(feature_size: int):
+    from monai.networks.nets import SwinUNETR
+
+    return SwinUNETR(in_channels=1, out_channels=2, feature_size=feature_size, use_v2=True)
+
+
+def monai_maps(model, x):
+    """The five maps VoCo pools, from MONAI's SwinUNETR (as the authors' SSL head computes them)."""
+    h = model.swinViT(x, model.normalize)
+    return [model.encoder1(x), model.encoder2(h[0]), model.encoder3(h[1]), model.encoder4(h[2]), model.encoder10(h[4])]
+
+
+def worker(side: str, feature_size: int, size: int, batch: int, iters: int, device: str, bf16: bool,
+           weights: str) -> dict:
+    """One side in this process: load weights, warm up once, time `iters` forward+backward steps."""
+    import torch
+
+    from voco_lib.backbone import build_encoder, pooled_embedding
+
+    torch.manual_seed(0)
+    state = torch.load(weights, weights_only=True)
+    if side == "monai":
+        model = monai_model(feature_size)
+        model.load_state_dict(state, strict=False)  # the decoder keeps its init; it is not run
+
+        def run(x):
+            return pooled_embedding(monai_maps(model, x))
+    else:
+        model = build_encoder(feature_size)
+        model.load_state_dict(state, strict=True)
+        run = model.embed
+    model.to(device).train()
+    x = torch.randn(batch, 1, size, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def step() -> float:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            emb = run(x)
+        loss = emb.float().square().sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return float(loss)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    loss = step()  # warm-up (window plans, allocator, kernels)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"s_per_iter": statistics.median(times), "peak_mb": peak, "rss_after_warmup_mb": base_rss, "loss": loss,
+            "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+
+
+def launch(side: str, cfg: tuple[int, int, int], args, weights: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if args.allocator == "tuned":
+        env.update(TUNED_MALLOC)
+    cmd = [sys.executable, __file__, "--worker", side, "--configs", ":".join(map(str, cfg)), "--iters",
+           str(args.iters), "--device", args.device, "--weights", weights] + (["--bf16"] if args.bf16 else [])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{side} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="48:64:2,12:64:1", help="comma list of feature:size:batch")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (both sides)")
+    p.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
+                   help="glibc malloc settings for both sides (tuned: keep freed memory)")
+    p.add_argument("--worker", choices=["monai", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
+
+    if args.worker:
+        fs, size, batch = configs[0]
+        print(json.dumps(worker(args.worker, fs, size, batch, args.iters, args.device, args.bf16, args.weights)))
+        return 0
+
+    import torch
+
+    print(f"device={args.device} bf16={args.bf16} allocator={args.allocator} iters={args.iters} "
+          f"torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"{'config':>18} | {'MONAI s/it':>10} {'ours s/it':>10} {'speed-up':>8} | "
+          f"{'MONAI MB':>9} {'ours MB':>9} {'mem ratio':>9} | loss rel diff")
+    with tempfile.TemporaryDirectory() as tmp:
+        for fs, size, batch in configs:
+            torch.manual_seed(0)
+            weights = str(Path(tmp) / f"w{fs}.pt")
+            torch.save(monai_model(fs).state_dict(), weights)
+            ref = launch("monai", (fs, size, batch), args, weights)
+            ours = launch("ours", (fs, size, batch), args, weights)
+            print(f"{f'f{fs} {size}^3 b{batch}':>18} | {ref['s_per_iter']:>10.3f} {ours['s_per_iter']:>10.3f} "
+                  f"{ref['s_per_iter'] / ours['s_per_iter']:>7.2f}x | {ref['peak_mb']:>9.0f} {ours['peak_mb']:>9.0f} "
+                  f"{ours['peak_mb'] / ref['peak_mb']:>8.2f}x | {abs(ours['loss'] - ref['loss']) / abs(ref['loss']):.1e}"
+                  f"  ({ours['device_name']})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
