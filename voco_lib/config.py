@@ -209,12 +209,13 @@ PROFILES: dict[str, Profile] = {
 
 
 # Fine-tuning per profile (voco_lib.tasks), set here so each module edits its own lines. smoke/cpu are sized
-# for the phantom tasks (a 64x64x32 volume per sample); gpu/paper keep the authors' recipe from the task manifest.
+# for the phantom tasks: 64x64x32 volumes, 32³ crops/windows/inputs (the pre-training's crop size);
+# gpu/paper keep the authors' recipe from the task manifest.
 _FINETUNE = {
-    "smoke": FinetuneConfig(steps=4, batch_size=1, eval_every=2, n_train=2, n_val=1, sw_overlap=0.25,
-                            checkpoint_every=2, log_every=1),
-    "cpu": FinetuneConfig(steps=120, batch_size=2, eval_every=20, n_train=8, n_val=4, sw_overlap=0.25,
-                          checkpoint_every=40, log_every=5),
+    "smoke": FinetuneConfig(steps=4, batch_size=1, roi=(32, 32, 32), eval_every=2, n_train=2, n_val=1,
+                            sw_overlap=0.25, checkpoint_every=2, log_every=1),
+    "cpu": FinetuneConfig(steps=80, batch_size=2, roi=(32, 32, 32), eval_every=20, n_train=8, n_val=4,
+                          sw_overlap=0.25, checkpoint_every=40, log_every=5),
     "gpu": FinetuneConfig(amp="bf16"),
     "paper": FinetuneConfig(amp="fp16"),
 }

@@ -1,0 +1,146 @@
+"""Volumes for the downstream tasks: a task's deterministic MONAI chain, phantom cohorts, datalists.
+
+A task manifest names spacing and intensity; `task_chain` turns them into the same `preprocess.Chain` the
+pre-training uses, so a phantom task sees exactly what VoCo pre-training saw (whole torso, foreground
+crop, resized to the roi: the phantom section's `resize_to_roi`), and a real task gets the authors'
+per-task chain (spec §7.1: RAS -> spacing -> HU window or MRI z-score -> foreground crop -> pad to roi).
+Everything is loaded once and held in memory (fine for the phantom and for BTCV-sized sets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from voco_lib.data.preprocess import Chain, get_chain, preprocess, preprocess_array
+from voco_lib.tasks.registry import Task
+
+Sample = dict[str, Any]  # {"image": (C, X, Y, Z) float, "label": (1, X, Y, Z) long | None, "name": str, ...}
+VAL_SEED_OFFSET = 50_000  # phantom validation seeds start here (after the task's seed_offset)
+
+
+def task_chain(task: Task, roi: Sequence[int]) -> Chain:
+    """The deterministic preprocessing of `task` (for phantoms: the pre-training chain at the phantom's spacing)."""
+    if task.is_phantom:
+        sp = float(task.phantom["spacing"])
+        return dataclasses.replace(get_chain("abdomen"), name=f"task:{task.name}", spacing=(sp, sp, sp))
+    inten = task.intensity or {"kind": "mri_zscore" if task.modality == "MRI" else "hu_window"}
+    if inten["kind"] == "mri_zscore":
+        kw: dict[str, Any] = {"modality": "MRI", "hu_window": None}
+    elif inten["kind"] == "divide":  # x / d == the window [0, d] -> [0, 1] for data stored in [0, d]
+        kw = {"modality": "CT", "hu_window": (0.0, float(inten["divisor"]))}
+    elif "range" in inten:
+        kw = {"modality": "CT", "hu_window": tuple(float(v) for v in inten["range"])}
+    else:
+        raise ValueError(f"task {task.name}: intensity {inten} needs a 'range'; fix data_manifests/tasks/{task.name}.yaml")
+    return Chain(f"task:{task.name}", spacing=task.spacing, min_size=tuple(int(r) for r in roi), **kw)
+
+
+def resize_to(sample: Sample, size: Sequence[int]) -> Sample:
+    """Whole volume resized to `size` (image trilinear as the pre-training's `sample_region`, label nearest)."""
+    size = tuple(int(s) for s in size)
+    out = dict(sample)
+    out["image"] = F.interpolate(sample["image"][None].float(), size=size, mode="trilinear", align_corners=True)[0]
+    if sample.get("label") is not None:
+        out["label"] = F.interpolate(sample["label"][None].float(), size=size, mode="nearest")[0].long()
+    return out
+
+
+def _remap_phantom_labels(label: np.ndarray, task: Task, attributes: dict[str, Any]) -> np.ndarray:
+    """Phantom ids -> task class indices (organs listed in the task; a lesion counts as its organ; rest 0)."""
+    from voco_lib.data.phantom import class_ids
+
+    ids = class_ids()
+    lut = np.zeros(256, np.uint8)
+    organs = task.phantom.get("organs") or [c for c in (task.classes or [])[1:]]
+    for k, organ in enumerate(organs, start=1):
+        if organ not in ids:
+            raise ValueError(f"task {task.name}: phantom organ {organ!r} is not in data_manifests/phantom_classes.yaml")
+        lut[ids[organ]] = k
+    lesion = attributes.get("lesion")
+    if lesion and lesion["organ"] in organs:
+        lut[ids["lesion"]] = organs.index(lesion["organ"]) + 1
+    return lut[label]
+
+
+def phantom_samples(task: Task, seeds: Sequence[int], labels: bool = True,
+                    lesion: Sequence[bool | None] | None = None) -> list[Sample]:
+    """Phantom patients `seeds` through the task's chain (resized to the task's roi if the task says so)."""
+    from voco_lib.data.phantom import make_phantom_subject
+
+    ph = task.phantom
+    roi = task.roi
+    chain = task_chain(task, roi)
+    out = []
+    for i, s in enumerate(seeds):
+        subj = make_phantom_subject(int(s), tuple(ph["shape"]), float(ph["spacing"]),
+                                    lesion=None if lesion is None else lesion[i])
+        lab = _remap_phantom_labels(subj.label, task, subj.attributes) if labels else None
+        d = preprocess_array(subj.image, subj.affine, chain, label=lab, name=f"phantom {s}")
+        sample: Sample = {"image": d["image"].as_tensor().float(), "name": f"phantom-{s}", "seed": int(s),
+                          "attributes": subj.attributes,
+                          "label": d["label"].as_tensor().round().long() if labels else None}
+        if ph.get("resize_to_roi"):
+            sample["spacing"] = tuple(float(ph["spacing"]) * n / r for n, r in zip(sample["image"].shape[1:], roi))
+            sample = resize_to(sample, roi)
+        out.append(sample)
+    return out
+
+
+def phantom_seeds(task: Task, split: str, n: int, seed: int = 0) -> list[int]:
+    """Seeds of a phantom split: training from the task's offset (shifted by the run seed's pool), validation disjoint."""
+    base = int(task.phantom.get("seed_offset", 0))
+    start = base + VAL_SEED_OFFSET if split == "validation" else base + 1000 * int(seed)
+    return list(range(start, start + n))
+
+
+def datalist_samples(task: Task, datalist: str | Path, split: str, roi: Sequence[int], keys: Sequence[str] = ("image", "label"),
+                     resize: bool = False) -> list[Sample]:
+    """Entries of one split of an MSD-style datalist through the task's chain (extra entry fields are kept)."""
+    from voco_lib.data.manifests import read_datalist
+
+    try:
+        entries = read_datalist(datalist, split)
+    except KeyError:
+        if split == "validation":
+            return []
+        raise
+    chain = task_chain(task, roi)
+    out = []
+    for e in entries:
+        path_entry = {k: e[k] for k in keys if k in e}
+        d = preprocess(path_entry, chain)
+        s: Sample = {**{k: v for k, v in e.items() if k not in keys}, "name": Path(str(e["image"])).name,
+                     "image": d["image"].as_tensor().float(),
+                     "label": d["label"].as_tensor().round().long() if "label" in d else None}
+        out.append(resize_to(s, roi) if resize else s)
+    return out
+
+
+def stack(samples: Sequence[Sample], key: str = "image") -> torch.Tensor:
+    return torch.stack([s[key] for s in samples])
+
+
+def random_flips(tensors: Sequence[torch.Tensor], g: torch.Generator, p: float = 0.2) -> list[torch.Tensor]:
+    """The same random flips (each spatial axis with probability p, spec §7.2) applied to (C, X, Y, Z) tensors."""
+    axes = [a + 1 for a in range(3) if float(torch.rand((), generator=g)) < p]
+    return [t.flip(axes) if axes else t for t in tensors]
+
+
+def random_crop_start(shape: Sequence[int], roi: Sequence[int], g: torch.Generator,
+                      foreground: torch.Tensor | None = None, pos_fraction: float = 0.9) -> tuple[int, ...]:
+    """Start of a roi crop: centred on a random foreground voxel with probability `pos_fraction`, else anywhere.
+
+    The rule of MONAI's RandCropByPosNegLabeld(pos=9, neg=1) that upstream uses (spec §7.2), drawn from `g`.
+    """
+    if foreground is not None and float(torch.rand((), generator=g)) < pos_fraction:
+        idx = torch.nonzero(foreground)
+        if len(idx):
+            c = idx[int(torch.randint(len(idx), (), generator=g))].tolist()
+            return tuple(int(min(max(ci - r // 2, 0), max(s - r, 0))) for ci, r, s in zip(c, roi, shape))
+    return tuple(int(torch.randint(max(s - r, 0) + 1, (), generator=g)) for s, r in zip(shape, roi))

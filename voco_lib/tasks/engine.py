@@ -1,0 +1,362 @@
+"""The one fine-tuning loop shared by the four task types: config, init weights, run directory, resume.
+
+A task type supplies a `Runner` (data + model + loss + evaluation); everything else is here, once:
+- init: `scratch`, a released checkpoint by name (`voco-b`, `VoCo_B_SSL_head`), a pre-training run directory
+  (its `encoder.pt`, released layout) or a file; loaded with `checkpoints.load_encoder` and its coverage
+  report kept in `results.json`;
+- AdamW + linear-warmup cosine stepped per iteration (spec §7.2); every step seeded;
+- run directory: `config.yaml`, `metrics.jsonl` (train loss and validation curves), `checkpoints/`
+  (temp file + rename, newest `keep_last` kept), `results.json` (final metrics + provenance: task, init,
+  checkpoint sha256, seed, profile, n_labeled); `--resume` continues from the newest checkpoint exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from voco_lib.config import FinetuneConfig, Profile, resolve, to_dict
+from voco_lib.tasks.registry import Task, load_task
+
+RELEASED = {"voco-b": "VoCo_B_SSL_head", "voco-l": "VoCo_L_SSL_head", "voco-h": "VoCo_H_SSL_head"}
+
+
+# ------------------------------------------------------------------------------------------------ config
+def _typed(fc: FinetuneConfig) -> FinetuneConfig:
+    """Overrides of fields whose default is None arrive as strings (`finetune.steps=50`): give them their type."""
+    hints = typing.get_type_hints(FinetuneConfig)
+    fixes = {}
+    for f in dataclasses.fields(fc):
+        v, hint = getattr(fc, f.name), str(hints[f.name])
+        if isinstance(v, str) and "str" not in hint:
+            if v.lower() == "none":
+                fixes[f.name] = None
+            elif "tuple" in hint:
+                fixes[f.name] = tuple(int(x) for x in v.replace("x", ",").split(","))
+            else:
+                fixes[f.name] = float(v) if "float" in hint else int(v)
+    return dataclasses.replace(fc, **fixes)
+
+
+@dataclass
+class Context:
+    """What a runner needs: the task, the resolved profile, the run's seed and label budget, the device."""
+
+    task: Task
+    cfg: Profile
+    seed: int
+    n_labeled: int | None
+    datalist: str | None
+    device: torch.device
+    feature_size: int
+
+    @property
+    def fc(self) -> FinetuneConfig:
+        return self.cfg.finetune
+
+    @property
+    def roi(self) -> tuple[int, int, int]:
+        return tuple(self.fc.roi or self.task.roi)  # type: ignore[return-value]
+
+    @property
+    def small_crop(self) -> str | None:
+        """Below 64³ the deepest Swin map is one voxel: use the backbone's "bypass" variant (as pre-training does)."""
+        return "bypass" if min(self.roi) < 64 else None
+
+    @property
+    def lr(self) -> float:
+        return float(self.fc.lr or self.task.recipe.get("lr") or 3e-4)
+
+    def generator(self, *key: int) -> torch.Generator:
+        """A torch Generator seeded from (run seed, *key): every random draw of the run is reproducible."""
+        s = np.random.SeedSequence([self.seed, *key]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int((int(s[0]) << 31) ^ int(s[1])))
+
+
+class Runner:
+    """Base of the four task types. Subclasses set `model`, `n_train` and implement `loss` and `evaluate`."""
+
+    model: nn.Module
+    n_train: int
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def init_target(self) -> nn.Module:
+        """The module whose parameters carry MONAI SwinUNETR encoder names (for `load_encoder`)."""
+        return self.model
+
+    def loss(self, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, final: bool = False) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------ init
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_init(init: str | Path | None) -> Path | None:
+    """`scratch` -> None; a pre-training run dir -> its `encoder.pt`; a file -> itself; a released name -> fetched file."""
+    if init is None or str(init).lower() == "scratch":
+        return None
+    p = Path(init)
+    if p.is_dir():
+        enc = p / "encoder.pt"
+        if not enc.is_file():
+            raise FileNotFoundError(f"{p} is a directory without encoder.pt: pass a finished pre-training run "
+                                    "(voco pretrain --out DIR writes DIR/encoder.pt) or a checkpoint file")
+        return enc
+    if p.is_file():
+        return p
+    name = RELEASED.get(str(init).lower(), str(init))
+    from voco_lib import checkpoints
+
+    try:
+        return Path(checkpoints.fetch_checkpoint(name))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"--init {init}: not a file, not a run directory, and not a released checkpoint name "
+                         f"({e}); use scratch, voco-b|voco-l|voco-h, RUN_DIR or PATH") from None
+
+
+def checkpoint_feature_size(path: Path) -> int:
+    """The encoder width of a checkpoint: the output channels of `swinViT.patch_embed.proj.weight`."""
+    from voco_lib.checkpoints import load_checkpoint
+
+    sd = load_checkpoint(path)
+    for k, v in sd.items():
+        if k.endswith("swinViT.patch_embed.proj.weight"):
+            return int(v.shape[0])
+    raise ValueError(f"{path}: no swinViT.patch_embed.proj.weight: not a Swin encoder checkpoint in the released layout")
+
+
+def load_init(target: nn.Module, path: Path, min_coverage: float) -> dict[str, Any]:
+    """Load the encoder weights and return the coverage report as plain data (for results.json)."""
+    from voco_lib.checkpoints import load_encoder
+
+    report = load_encoder(target, path, min_coverage=min_coverage)
+    if dataclasses.is_dataclass(report):
+        report = dataclasses.asdict(report)
+    return json.loads(json.dumps(report, default=lambda o: list(o) if isinstance(o, (set, tuple)) else str(o)))
+
+
+# ------------------------------------------------------------------------------------------------ run dir
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path: Path, before_step: int) -> None:
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < before_step]
+        _atomic_text(path, "".join(k + "\n" for k in keep))
+
+
+def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """Lines of a fine-tuning run's metrics.jsonl (`kind`: "train" or "val")."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in (json.loads(ln) for ln in lines if ln.strip()) if kind is None or r["kind"] == kind]
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe copy (NaN/inf -> None, arrays -> lists)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, (np.ndarray, torch.Tensor)):
+            return [clean(x) for x in np.asarray(v).tolist()]
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (float, np.floating)):
+            return float(v) if np.isfinite(v) else None
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+    return clean(metrics)
+
+
+def _override_list(overrides: Sequence[str] | dict[str, str] | None) -> list[str]:
+    if isinstance(overrides, dict):
+        return [f"{k}={v}" for k, v in overrides.items()]
+    return list(overrides or [])
+
+
+def load_run(run_dir: str | Path, runner_cls: type[Runner], checkpoint: str | Path | None = None) -> Runner:
+    """Rebuild a finished (or interrupted) run's runner with its newest weights, in eval mode (notebooks, analysis)."""
+    from voco_lib.pretrain import checkpoint_paths
+
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: {run_dir} is not a fine-tuning run directory")
+    prov = yaml.safe_load(cfg_file.read_text())["provenance"]
+    from voco_lib.tasks.registry import task_from_dict
+
+    task = task_from_dict(yaml.safe_load(cfg_file.read_text())["task"])
+    cfg = resolve(prov["profile"], prov["overrides"])
+    cfg = dataclasses.replace(cfg, finetune=_typed(cfg.finetune))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runner = runner_cls(Context(task, cfg, prov["seed"], prov["n_labeled"], prov["datalist"], device, prov["feature_size"]))
+    ckpts = [Path(checkpoint)] if checkpoint else checkpoint_paths(run_dir)
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    runner.model.load_state_dict(torch.load(ckpts[-1], map_location="cpu", weights_only=True)["model"])
+    runner.model.to(device).eval()
+    return runner
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    from voco_lib.pretrain import warmup_cosine as wc
+
+    return wc(step, warmup, total)
+
+
+def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "scratch", profile: str | None = "cpu",
+        n_labeled: int | None = None, seed: int = 0, out: str | Path | None = None,
+        overrides: Sequence[str] | dict[str, str] | None = None, resume: bool = False, datalist: str | None = None,
+        show_progress: bool = True) -> dict[str, Any]:
+    """Fine-tune `task` with `runner_cls`; returns the results dict that is also written to `results.json`."""
+    from voco_lib.pretrain import (checkpoint_paths, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                                   tune_allocator)
+
+    task = load_task(task) if not isinstance(task, Task) else task
+    cfg = resolve(profile, overrides)
+    cfg = dataclasses.replace(cfg, finetune=_typed(cfg.finetune))
+    fc = cfg.finetune
+    if not task.is_phantom and datalist is None:
+        raise ValueError(f"task {task.name} needs its data: pass a datalist (MSD-style JSON, see "
+                         f"data_manifests/datasets/{task.dataset}.yaml for where to get the data), "
+                         "or run a phantom task (phantom-seg, phantom-cls, phantom-reg, phantom-vl)")
+    init_path = resolve_init(init)
+    feature_size = checkpoint_feature_size(init_path) if init_path is not None else cfg.feature_size
+    init_label = "scratch" if init_path is None else str(init)
+    out = Path(out or Path("runs") / "finetune" / task.name /
+               f"{Path(init_label).name}-n{n_labeled or 'all'}-s{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = checkpoint_paths(out)
+    if (out / "results.json").is_file() and not resume:
+        raise FileExistsError(f"{out} holds a finished run (results.json); pass a new --out, or --resume to reuse it")
+    if cfg.train.tune_allocator and not torch.cuda.is_available():
+        tune_allocator()
+    seed_everything(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = Context(task, cfg, seed, n_labeled, datalist, device, feature_size)
+    runner = runner_cls(ctx)
+    model = runner.model.to(device)
+
+    coverage = None
+    if init_path is not None:
+        min_cov = fc.min_coverage if task.in_channels == 1 else min(fc.min_coverage, 0.9)
+        coverage = load_init(runner.init_target(), init_path, min_cov)
+    epochs = task.recipe.get("epochs")
+    steps = fc.steps if fc.steps is not None else int((epochs or 100) * runner.n_train)
+    warmup = fc.warmup_steps if fc.warmup_steps is not None else int((task.recipe.get("warmup_epochs") or 0) * runner.n_train)
+    eval_every = fc.eval_every or max(1, 10 * runner.n_train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ctx.lr, weight_decay=fc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, steps))
+    amp = fc.amp if device.type == "cuda" else "off"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)) \
+        if amp != "off" else contextlib.nullcontext
+
+    provenance = {
+        "task": task.name, "type": task.type, "dataset": task.dataset, "datalist": datalist, "init": init_label,
+        "init_path": None if init_path is None else str(init_path),
+        "init_sha256": None if init_path is None else sha256(init_path), "feature_size": feature_size,
+        "seed": seed, "profile": cfg.name, "n_labeled": n_labeled, "n_train": runner.n_train, "steps": steps,
+        "lr": ctx.lr, "roi": list(ctx.roi), "overrides": _override_list(overrides), "torch": str(torch.__version__),
+    }
+    start = 0
+    if resume and ckpts:
+        state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+        _truncate_jsonl(out / "metrics.jsonl", start)
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        doc = json.loads(json.dumps({"provenance": provenance, "task": task.raw, "profile": to_dict(cfg)}))
+        _atomic_text(out / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(out, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                              "scaler": scaler.state_dict(), "rng": rng_state(), "step": step}, step, fc.keep_last)
+
+    def validate(step: int) -> dict[str, Any]:
+        model.eval()
+        with torch.no_grad(), autocast():
+            m = _scalars(runner.evaluate(final=False))
+        model.train()
+        _append_jsonl(out / "metrics.jsonl", {"step": step, "kind": "val", **m})
+        return m
+
+    t0 = time.time()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, steps), desc=f"finetune {task.name} ({init_label})", disable=not show_progress,
+               initial=start, total=steps)
+    model.train()
+    if start == 0:
+        validate(0)
+    for step in bar:
+        with autocast():
+            loss = runner.loss(step)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        done = step + 1
+        if done % fc.log_every == 0 or done == steps:
+            _append_jsonl(out / "metrics.jsonl", {"step": done, "kind": "train", "loss": float(loss.detach()),
+                                                  "lr": sched.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        if done % eval_every == 0 and done != steps:
+            validate(done)
+        if done % fc.checkpoint_every == 0 or done == steps:
+            checkpoint(done)
+
+    model.eval()
+    with torch.no_grad(), autocast():
+        final = _scalars(runner.evaluate(final=True))
+    _append_jsonl(out / "metrics.jsonl", {"step": steps, "kind": "val", **{k: v for k, v in final.items()
+                                                                           if not isinstance(v, (list, dict))}})
+    vals = read_metrics(out, "val")
+    key = task.metric
+    best = max((v for v in vals if v.get(key) is not None), key=lambda v: v[key], default=None)
+    results = {"metrics": final, "metric": key, "value": final.get(key),
+               "best": None if best is None else {"step": best["step"], key: best[key]},
+               "curve": [{"step": v["step"], key: v.get(key)} for v in vals],
+               "coverage": coverage, "wall_s": round(time.time() - t0, 1), **provenance, "run_dir": str(out)}
+    _atomic_text(out / "results.json", json.dumps(results, indent=1))
+    return results
