@@ -16,6 +16,7 @@ import torch
 from voco_lib.pretrain import PERF_KEY, checkpoint_paths
 
 N = 6
+TIMEOUT = 600  # seconds; generous because CI machines may be shared
 ARGS = [f"steps={N}", "train.checkpoint_every=2", "train.eval_every=3", "train.log_every=1", "n_volumes=4",
         "train.n_eval=2"]
 
@@ -52,15 +53,17 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = killed / "checkpoints" / "step_00000004.pt"
-    deadline = time.time() + 240
-    while not target.exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint at step 4"
-        for p in checkpoint_paths(killed):  # only complete, renamed files are ever listed
-            assert not p.name.startswith(".")
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.time() + TIMEOUT
+        while not target.exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint at step 4"
+            for p in checkpoint_paths(killed):  # only complete, renamed files are ever listed
+                assert not p.name.startswith(".")
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert not (killed / "checkpoints" / "step_00000006.pt").exists(), "killed too late: the run had finished"
     _assert_complete(killed)
     assert not (killed / "encoder.pt").exists()
@@ -80,12 +83,16 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(_cmd(run), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = run / "checkpoints" / "step_00000002.pt"
-    deadline = time.time() + 240
-    while not first.exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.02)
+    deadline = time.time() + TIMEOUT
+    try:
+        while not first.exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+    except AssertionError:
+        proc.kill()
+        raise
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
+    out, _ = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, out
     assert "stopped by a signal" in out
     stopped = checkpoint_paths(run)[-1]

@@ -113,7 +113,7 @@ class TrainConfig:
     grad_checkpoint: bool = False  # recompute each encoder stage in backward (memory for time)
     compile: bool = False  # torch.compile the encoder (opt-in)
     ema_scope: str = "head"  # "head": TPAMI, EMA teacher head, shared backbone; "full": CVPR, EMA of backbone+head
-    sync_bn: bool = False  # SyncBatchNorm in the heads under DDP (the CVPR code does this)
+    sync_bn: bool = False  # SyncBatchNorm in the heads under DDP on GPUs (the CVPR code does this)
     seed: int = 0
     checkpoint_every: int = 1000  # steps; also on SIGTERM/SIGINT and at the end
     keep_last: int = 3  # full-state checkpoints kept

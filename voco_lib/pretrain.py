@@ -93,12 +93,20 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
 
 # ------------------------------------------------------------------------------------------------ model
 def build_backbone(cfg: Profile) -> nn.Module:
-    """The Swin encoder (MONAI SwinUNETR parameter names), with the small-crop variant below 64³."""
+    """The Swin encoder (MONAI SwinUNETR parameter names); below 64³ the backbone's "bypass" small-crop variant.
+
+    With "bypass" the deepest map of a 32³ crop is 1³ and encoder10 is skipped (its InstanceNorm cannot
+    train on one voxel), so its weights would get no gradient; they are frozen, which also spares DDP from
+    `find_unused_parameters`. They stay in the exported encoder (at their initial values).
+    """
     from voco_lib.backbone import build_encoder
 
     small = min(cfg.views.out_size or cfg.views.crop_size) < 64
-    return build_encoder(cfg.feature_size, in_channels=1, grad_checkpoint=cfg.train.grad_checkpoint,
-                         small_crop=small)
+    enc = build_encoder(cfg.feature_size, in_channels=1, grad_checkpoint=cfg.train.grad_checkpoint,
+                        small_crop="bypass" if small else None)
+    if small:
+        enc.encoder10.requires_grad_(False)
+    return enc
 
 
 class _Embedder(nn.Module):
@@ -386,7 +394,7 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
     if resume and not ckpts:
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
     if not resume and (out / "metrics.jsonl").exists():
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     if rt.main:
         for sub in ("checkpoints", "figures", "tb"):
             (out / sub).mkdir(parents=True, exist_ok=True)
@@ -397,7 +405,7 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
     # model, optimizer: same seed on every rank -> identical initial weights (DDP also broadcasts them)
     seed_everything(t.seed)
     model = VoCoModel(cfg).to(rt.device)
-    if t.sync_bn and rt.distributed:
+    if t.sync_bn and rt.distributed and rt.device.type == "cuda":  # SyncBatchNorm has no CPU kernel
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt, sched = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
@@ -559,12 +567,9 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
             from voco_lib.checkpoints import export_encoder
 
             export_encoder(model.encoder, out / "encoder.pt")
-            try:
-                from voco_lib.viz import plot_metrics  # optional figure; viz is another module's concern
-            except ImportError:
-                plot_metrics = None
-            if plot_metrics is not None:
-                plot_metrics(out / "metrics.jsonl", out / "figures")
+            from voco_lib.viz import plot_metrics
+
+            plot_metrics(out / "metrics.jsonl", out / "figures")  # figures/metrics.png
     if rt.distributed:
         dist.barrier()
         dist.destroy_process_group()
