@@ -64,6 +64,7 @@ def test_no_stray_outputs(path: Path):
         if checked:
             assert cell.outputs, f"cell {i} is marked {CHECK} but has no stored output to compare"
             assert all(o.output_type == "stream" for o in cell.outputs), f"cell {i}: store text output only"
+            assert cell.execution_count is not None, f"cell {i}: nbval skips a checked cell without execution count"
         else:
             assert not cell.outputs, f"cell {i} has stray outputs; clear them before committing"
             assert cell.execution_count is None, f"cell {i} has an execution count; clear outputs"

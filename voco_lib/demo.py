@@ -26,6 +26,9 @@ from voco_lib.config import Profile, profile_name, resolve
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO / "notebooks"
 DEMO_NOTEBOOKS = ("00_quickstart", "01_geometric_context", "02_pretraining", "03_position_explorer")
+# Notebooks whose widget state would be megabytes (NiiVue stores its JavaScript and the volume bytes). The
+# others keep it: nbclient cannot run an ipywidgets Output widget with store_widget_state=False (KeyError).
+HEAVY_WIDGET_STATE = {"01_geometric_context"}
 
 
 # ------------------------------------------------------------------------------------------------ run dirs
@@ -298,8 +301,8 @@ def run_demo(out: str | Path = "runs/demo", profile: str = "cpu", notebooks: Seq
              timeout_s: int = 1200) -> Path:
     """Execute the notebooks with papermill into `out/` (one run directory each) and write `out/report.html`.
 
-    Widget state is not stored (`store_widget_state=False`): the viewer's JavaScript and volume bytes would
-    otherwise add megabytes per notebook. Returns the report path.
+    The 3-D viewer's widget state is not stored (`store_widget_state=False`): its JavaScript and volume
+    bytes would otherwise add megabytes per notebook. Returns the report path.
     """
     import nbformat
     import papermill as pm
@@ -325,7 +328,7 @@ def run_demo(out: str | Path = "runs/demo", profile: str = "cpu", notebooks: Seq
         t0 = time.perf_counter()
         print(f"[voco demo] {name} ({profile}) ...", flush=True)
         pm.execute_notebook(str(src), str(out / f"{name}.ipynb"), parameters=params, cwd=str(NOTEBOOKS_DIR),
-                            kernel_name="python3", store_widget_state=False, progress_bar=False,
+                            kernel_name="python3", store_widget_state=name not in HEAVY_WIDGET_STATE, progress_bar=False,
                             execution_timeout=timeout_s)
         timings.append((name, time.perf_counter() - t0))
         print(f"[voco demo] {name}: {timings[-1][1]:.0f} s", flush=True)
