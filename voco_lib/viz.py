@@ -429,7 +429,8 @@ def _view_niivue(img, lab, boxes, sp, height, label_names):
     from ipyniivue import NiiVue, ShowRender, SliceType
 
     nv = NiiVue(height=height, slice_type=SliceType.MULTIPLANAR, multiplanar_show_render=ShowRender.ALWAYS,
-                is_radiological_convention=True, is_colorbar=False, show_3d_crosshair=True)
+                is_radiological_convention=True, is_colorbar=False, show_3d_crosshair=True,
+                crosshair_color=(0.0, 0.8, 1.0, 1.0))  # cyan: red is the random crop
     lo, hi = (float(v) for v in np.percentile(img, [1, 99]))
     vols = [{"data": nifti_bytes(img, sp), "name": "image.nii", "colormap": "gray", "cal_min": lo, "cal_max": hi}]
     luts = [None]

@@ -39,12 +39,13 @@ def _free_port() -> int:
 
 
 def start_lab(port: int, tmp: Path) -> subprocess.Popen:
+    """JupyterLab serving a copy of the notebook (so an autosave can never write outputs into the repo)."""
     env = dict(os.environ, VOCO_PROFILE=os.environ.get("VOCO_PROFILE", "smoke"),
                JUPYTER_CONFIG_DIR=str(tmp / "jupyter-config"), JUPYTER_RUNTIME_DIR=str(tmp / "jupyter-runtime"),
                JUPYTERLAB_SETTINGS_DIR=str(tmp / "lab-settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp / "lab-ws"))
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
            "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-           f"--ServerApp.root_dir={REPO}", "--LabApp.expose_app_in_browser=True"]
+           f"--ServerApp.root_dir={tmp / 'root'}", "--LabApp.expose_app_in_browser=True"]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     log = open(tmp / "jupyterlab.log", "w")
@@ -74,6 +75,7 @@ def foreground_fraction(png: Path) -> float:
 
 
 def run(negative_control: bool, timeout_s: int) -> float:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
@@ -81,6 +83,8 @@ def run(negative_control: bool, timeout_s: int) -> float:
                          "`make test-browser`, which does")
     ARTIFACTS.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="voco-browser-"))
+    (tmp / "root" / "notebooks").mkdir(parents=True)
+    shutil.copy(REPO / NOTEBOOK, tmp / "root" / NOTEBOOK)
     port = _free_port()
     t0 = time.time()
     lab = start_lab(port, tmp)
@@ -106,7 +110,15 @@ def run(negative_control: bool, timeout_s: int) -> float:
                     btn.first.click()
             page.evaluate("window.jupyterapp.commands.execute('runmenu:run-all')")
             canvas = page.locator(".jp-OutputArea-output canvas").first
-            canvas.wait_for(state="visible", timeout=timeout_s * 1000)
+            try:
+                canvas.wait_for(state="visible", timeout=timeout_s * 1000)
+            except PlaywrightTimeout:
+                if not negative_control:
+                    page.screenshot(path=str(ARTIFACTS / f"browser-{name}-page.png"))
+                    raise SystemExit(f"FAILED: no viewer canvas after {timeout_s} s; see {ARTIFACTS}/browser-{name}-page.png")
+                ctx.close()
+                print("negative control: no canvas at all (WebGL off)")
+                return 0.0
             # done when the kernel is idle and no cell waits for execution ("[*]")
             page.wait_for_function(
                 "() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'"
