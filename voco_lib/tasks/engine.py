@@ -129,34 +129,33 @@ def resolve_init(init: str | Path | None) -> Path | None:
     if p.is_file():
         return p
     name = RELEASED.get(str(init).lower(), str(init))
-    from voco_lib import checkpoints
+    from voco_lib.checkpoints import CheckpointError, fetch_weights
 
     try:
-        return Path(checkpoints.fetch_checkpoint(name))
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"--init {init}: not a file, not a run directory, and not a released checkpoint name "
-                         f"({e}); use scratch, voco-b|voco-l|voco-h, RUN_DIR or PATH") from None
+        return Path(fetch_weights(name))
+    except CheckpointError as e:
+        raise ValueError(f"--init {init}: not a file, not a run directory; as a released checkpoint name: {e}. "
+                         "Use scratch, voco-b|voco-l|voco-h, RUN_DIR or PATH") from None
 
 
 def checkpoint_feature_size(path: Path) -> int:
     """The encoder width of a checkpoint: the output channels of `swinViT.patch_embed.proj.weight`."""
-    from voco_lib.checkpoints import load_checkpoint
+    from voco_lib.checkpoints import load_checkpoint, normalize_state_dict
 
-    sd = load_checkpoint(path)
-    for k, v in sd.items():
-        if k.endswith("swinViT.patch_embed.proj.weight"):
-            return int(v.shape[0])
-    raise ValueError(f"{path}: no swinViT.patch_embed.proj.weight: not a Swin encoder checkpoint in the released layout")
+    sd = normalize_state_dict(load_checkpoint(path))
+    if "swinViT.patch_embed.proj.weight" not in sd:
+        raise ValueError(f"{path}: no swinViT.patch_embed.proj.weight: not a Swin encoder checkpoint in the released layout")
+    return int(sd["swinViT.patch_embed.proj.weight"].shape[0])
 
 
 def load_init(target: nn.Module, path: Path, min_coverage: float) -> dict[str, Any]:
-    """Load the encoder weights and return the coverage report as plain data (for results.json)."""
+    """Load the encoder weights into `target`; the coverage report as plain data (for results.json)."""
     from voco_lib.checkpoints import load_encoder
 
-    report = load_encoder(target, path, min_coverage=min_coverage)
-    if dataclasses.is_dataclass(report):
-        report = dataclasses.asdict(report)
-    return json.loads(json.dumps(report, default=lambda o: list(o) if isinstance(o, (set, tuple)) else str(o)))
+    r = load_encoder(target, path, min_coverage=min_coverage)
+    return {"summary": r.summary(), "kind": r.kind, "coverage": r.coverage, "loaded": len(r.loaded),
+            "expected": r.expected, "missing": list(r.missing),
+            "mismatched": [[k, list(a), list(b)] for k, a, b in r.mismatched], "unexpected": len(r.unexpected)}
 
 
 # ------------------------------------------------------------------------------------------------ run dir

@@ -1,0 +1,99 @@
+"""Classification fine-tuning: the Swin encoder's pooled embedding (24·feature values) and a linear head.
+
+Upstream (spec §7.1): CC-CCII 3 classes on slice stacks, LUNA16 binary on 64³ candidate patches. Each
+volume is resized to the roi (the whole preprocessed volume, as the pre-training's "resize" regions).
+Phantom analog: lesion present/absent (balanced by forcing the lesion on even seeds), or
+`organ_enlarged:<organ>` (volume above the training cohort's median).
+Real data: an MSD-style datalist whose entries carry an integer `target` beside `image`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from voco_lib.tasks.data import (Sample, datalist_samples, phantom_samples, phantom_seeds, random_flips, resize_to,
+                                 stack)
+from voco_lib.tasks.engine import Context, Runner
+from voco_lib.tasks.metrics import accuracy, auc
+
+
+class EncoderClassifier(nn.Module):
+    """encoder.embed(x) -> dropout -> linear: logits (N, K)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.encoder = encoder
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.encoder.embed(x)))
+
+
+def phantom_targets(task, samples: list[Sample], reference: list[Sample] | None = None) -> list[int]:
+    """Targets of phantom samples: lesion present, or organ volume above the reference cohort's median."""
+    target = task.phantom.get("target", "lesion_present")
+    if target == "lesion_present":
+        return [int(s["attributes"]["lesion"] is not None) for s in samples]
+    if target.startswith("organ_enlarged:"):
+        organ = target.split(":", 1)[1]
+        ref = reference or samples
+        median = float(np.median([r["attributes"]["organ_volumes_ml"][organ] for r in ref]))
+        return [int(s["attributes"]["organ_volumes_ml"][organ] > median) for s in samples]
+    raise ValueError(f"task {task.name}: unknown phantom target {target!r}; use lesion_present or organ_enlarged:<organ>")
+
+
+def _phantom_split(ctx: Context, split: str, n: int) -> list[Sample]:
+    seeds = phantom_seeds(ctx.task, split, n, ctx.seed)
+    forced = [i % 2 == 0 for i in range(n)] if ctx.task.phantom.get("target", "lesion_present") == "lesion_present" else None
+    return phantom_samples(ctx.task, seeds, labels=False, lesion=forced)
+
+
+class ClassificationRunner(Runner):
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        task, fc = ctx.task, ctx.fc
+        if task.is_phantom:
+            train = _phantom_split(ctx, "training", ctx.n_labeled or fc.n_train)
+            val = _phantom_split(ctx, "validation", fc.n_val)
+            ys, yv = phantom_targets(task, train), phantom_targets(task, val, reference=train)
+        else:
+            train = datalist_samples(task, ctx.datalist, "training", ctx.roi, keys=("image",))
+            val = datalist_samples(task, ctx.datalist, "validation", ctx.roi, keys=("image",))
+            if ctx.n_labeled:
+                train = train[: ctx.n_labeled]
+            for s in train + val:
+                if "target" not in s:
+                    raise ValueError(f"{ctx.datalist}: entry {s['name']} has no integer 'target' (the class index)")
+            ys, yv = [int(s["target"]) for s in train], [int(s["target"]) for s in val]
+        self.train = [resize_to(s, ctx.roi) for s in train]
+        self.val = [resize_to(s, ctx.roi) for s in val]
+        self.y_train, self.y_val = torch.tensor(ys), torch.tensor(yv)
+        self.n_train = len(self.train)
+        from voco_lib.backbone import build_encoder
+
+        enc = build_encoder(ctx.feature_size, task.in_channels, small_crop=ctx.small_crop)
+        self.model = EncoderClassifier(enc, task.out_channels)
+        self.ce = nn.CrossEntropyLoss()
+
+    def init_target(self) -> nn.Module:
+        return self.model.encoder
+
+    def loss(self, step: int) -> torch.Tensor:
+        g = self.ctx.generator(2, step)
+        idx = torch.randint(self.n_train, (self.ctx.fc.batch_size,), generator=g)
+        x = torch.stack([random_flips([self.train[i]["image"]], g)[0] for i in idx.tolist()])
+        return self.ce(self.model(x.to(self.ctx.device)), self.y_train[idx].to(self.ctx.device))
+
+    def logits(self, samples: list[Sample]) -> torch.Tensor:
+        out = [self.model(stack(samples[i:i + 4]).to(self.ctx.device)).float().cpu() for i in range(0, len(samples), 4)]
+        return torch.cat(out)
+
+    def evaluate(self, final: bool = False) -> dict[str, Any]:
+        z = self.logits(self.val)
+        return {"accuracy": accuracy(z, self.y_val), "auc": auc(z, self.y_val),
+                "loss": float(nn.functional.cross_entropy(z, self.y_val)), "n_val": len(self.val)}
