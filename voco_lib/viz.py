@@ -41,6 +41,23 @@ _PLANES = {
 GRID_COLOR, CROP_COLOR = "#ffd21f", "#ff3b30"
 
 
+def _label_colours() -> list[tuple[float, float, float]]:
+    """Distinct colours for label ids 1, 2, ... (tab20 without its greys, then tab20b): greys read as tissue."""
+    from matplotlib import colormaps
+
+    tab20 = [c for i, c in enumerate(colormaps["tab20"].colors) if i not in (14, 15)]
+    return tab20 + list(colormaps["tab20b"].colors)
+
+
+def _show_labels(ax, lab2d: np.ndarray, extent) -> None:
+    from matplotlib.colors import ListedColormap
+
+    colours = _label_colours()
+    idx = np.where(lab2d > 0, (lab2d - 1) % len(colours), 0)
+    ax.imshow(np.ma.masked_where(lab2d == 0, idx), cmap=ListedColormap(colours), vmin=-0.5,
+              vmax=len(colours) - 0.5, alpha=0.45, origin="lower", extent=extent, interpolation="nearest")
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def to_numpy(x: Any) -> np.ndarray:
     """A volume, box or vector as numpy; a leading channel axis of size 1 is dropped ((1, X, Y, Z) -> (X, Y, Z))."""
@@ -149,9 +166,7 @@ def plane_views(
         ax.imshow(img[tuple(sl)].T, cmap="gray", vmin=lo, vmax=hi, origin="lower",
                   extent=(0, extent[0], 0, extent[1]), interpolation="nearest")
         if lab is not None:
-            ls = lab[tuple(sl)].T
-            ax.imshow(np.ma.masked_equal(ls, 0), cmap="tab20", vmin=0, vmax=20, alpha=0.45, origin="lower",
-                      extent=(0, extent[0], 0, extent[1]), interpolation="nearest")
+            _show_labels(ax, lab[tuple(sl)].T, (0, extent[0], 0, extent[1]))
         for k, b in enumerate(grid):
             inside = b[cut, 0] <= point[cut] < b[cut, 1]
             _rect(ax, b, plane, sp, GRID_COLOR, 1.2, inside)
@@ -272,8 +287,7 @@ def crop_across_subjects(images: Sequence[Any], box: Any, spacing: Spacing | Seq
             ax.imshow(img[tuple(sl)].T, cmap="gray", vmin=lo, vmax=hi, origin="lower",
                       extent=(0, extent[0], 0, extent[1]), interpolation="nearest")
             if lab is not None:
-                ax.imshow(np.ma.masked_equal(lab[tuple(sl)].T, 0), cmap="tab20", vmin=0, vmax=20, alpha=0.45,
-                          origin="lower", extent=(0, extent[0], 0, extent[1]), interpolation="nearest")
+                _show_labels(ax, lab[tuple(sl)].T, (0, extent[0], 0, extent[1]))
             for g in _boxes(grid_boxes):
                 _rect(ax, g, plane, sp, GRID_COLOR, 0.8, True)
             _rect(ax, b, plane, sp, CROP_COLOR, 2.0, True)
@@ -375,11 +389,10 @@ def headless() -> bool:
 
 
 def _label_lut(n: int, names: dict[int, str] | None = None) -> dict[str, Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab20"]
+    """NiiVue label colour table with the same colours as the matplotlib figures."""
+    colours = _label_colours()
     ids = list(range(n + 1))
-    rgb = [(0, 0, 0)] + [tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in ids[1:]]
+    rgb = [(0, 0, 0)] + [tuple(int(255 * c) for c in colours[(i - 1) % len(colours)]) for i in ids[1:]]
     return {"R": [c[0] for c in rgb], "G": [c[1] for c in rgb], "B": [c[2] for c in rgb],
             "A": [0] + [255] * n, "I": ids, "labels": [(names or {}).get(i, str(i)) for i in ids]}
 
