@@ -131,7 +131,8 @@ def main() -> int:
         for fs, size, batch in configs:
             torch.manual_seed(0)
             weights = str(Path(tmp) / f"w{fs}.pt")
-            torch.save(monai_model(fs).state_dict(), weights)
+            state = monai_model(fs).state_dict()
+            torch.save({k: v for k, v in state.items() if not k.startswith(("decoder", "out."))}, weights)
             ref = launch("monai", (fs, size, batch), args, weights)
             ours = launch("ours", (fs, size, batch), args, weights)
             print(f"{f'f{fs} {size}^3 b{batch}':>18} | {ref['s_per_iter']:>10.3f} {ours['s_per_iter']:>10.3f} "

@@ -262,7 +262,8 @@ class SwinViT(nn.Module):
         win = (window,) * 3
         self.patch_embed = PatchEmbed(patch_size=2, in_chans=in_chans, embed_dim=embed_dim, norm_layer=None,
                                       spatial_dims=3)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linearly rising (MONAI)
         for i in range(4):
             dim = embed_dim * 2**i
             rates = dpr[sum(depths[:i]): sum(depths[: i + 1])]
@@ -295,9 +296,10 @@ class SwinEncoder(nn.Module):
     small_crop (for inputs below 64³, where the deepest map is 1³ and encoder10's InstanceNorm refuses it in
     training):
       None:       exactly SwinUNETR (needs ≥ 64³ in training);
-      "bypass":   when the deepest map has one voxel, encoder10 is replaced by what it computes on one voxel
-                  in eval mode (instance norm of a single value is 0, so the block reduces to LeakyReLU of its
-                  input). Same cost as the crop size; encoder10's weights get no gradient at that size;
+      "bypass":   when the deepest map has one voxel, encoder10 is replaced by the value its formula gives
+                  there (instance norm of a single value is 0, so the residual block reduces to LeakyReLU of its
+                  input; PyTorch refuses to compute it, in train and eval mode). Costs what the crop size costs;
+                  encoder10's weights get no gradient at that size;
       "upsample": crops below 64³ are trilinearly resized to 64³ first, then the exact model runs
                   (≈8× the compute of a 32³ crop, all weights train).
     """

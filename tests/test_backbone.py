@@ -1,0 +1,161 @@
+"""The fast Swin encoder computes what MONAI SwinUNETR(use_v2=True)'s encoder computes, with its names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import SwinUNETR
+
+from voco_lib.backbone import build_encoder, build_swinunetr, pooled_embedding, window_plan
+
+
+def monai_and_ours(fs: int, out_channels: int = 2):
+    torch.manual_seed(fs)
+    ref = SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=fs, use_v2=True)
+    ours = build_encoder(fs)
+    encoder_keys = {k: v for k, v in ref.state_dict().items() if not k.startswith(("decoder", "out."))}
+    ours.load_state_dict(encoder_keys, strict=True)  # MONAI -> ours
+    return ref, ours
+
+
+def monai_maps(ref: SwinUNETR, x: torch.Tensor) -> list[torch.Tensor]:
+    h = ref.swinViT(x, ref.normalize)
+    return [ref.encoder1(x), ref.encoder2(h[0]), ref.encoder3(h[1]), ref.encoder4(h[2]), ref.encoder10(h[4])]
+
+
+def loss_of(maps: list[torch.Tensor]) -> torch.Tensor:
+    w = torch.Generator().manual_seed(3)  # a fixed random projection, so every output element matters
+    return sum((m * torch.randn(m.shape, generator=w)).sum() for m in maps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fs,size", [(12, 64), (24, 64), (12, 96), (24, 96)])
+def test_matches_monai_forward_and_gradients(fs, size):
+    ref, ours = monai_and_ours(fs)
+    x = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(size))
+
+    # train mode, with gradients (the explicit-softmax path)
+    ref.train(), ours.train()
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = monai_maps(ref, xr), ours(xo)
+    assert [m.shape for m in a] == [m.shape for m in b]
+    for m_ref, m_ours in zip(a, b):
+        assert (m_ref - m_ours).abs().max() < 1e-4
+    loss_of(a).backward()
+    loss_of(b).backward()
+    grads = dict(ref.named_parameters())
+    for name, p in list(ours.named_parameters()) + [("input", xo)]:
+        g_ref = xr.grad if name == "input" else grads[name].grad
+        rel = (p.grad - g_ref).norm() / g_ref.norm()
+        assert rel < 1e-3, f"{name}: relative gradient error {rel:.2e}"
+
+    # eval mode, no gradient (the fused scaled_dot_product_attention path), and the pooled embedding
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        emb_ref = pooled_embedding(monai_maps(ref, x))
+        emb = ours.embed(x)
+    assert emb.shape == (1, 24 * fs)
+    assert (emb - emb_ref).abs().max() < 1e-4
+
+
+def test_state_dict_names_equal_monai_both_ways():
+    """Same names and shapes at the paper's size B (meta device: nothing allocated), strict loads both ways."""
+    ref = SwinUNETR(in_channels=1, out_channels=21, feature_size=48, use_v2=True)  # MONAI cannot build on meta
+    with torch.device("meta"):
+        ours = build_encoder(48)
+        full = build_swinunetr(48, 21)
+    ref_shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    enc = {k: v.shape for k, v in ours.state_dict().items()}
+    assert enc == {k: s for k, s in ref_shapes.items() if not k.startswith(("decoder", "out."))}
+    assert len(enc) == 145  # released SSL files hold 145 tensors (LSM #40, spec §8.2)
+    assert {k: v.shape for k, v in full.state_dict().items()} == ref_shapes
+    # parameter counts of spec §2.5: encoder 53.2M, full SwinUNETR(21) 72.8M
+    assert round(sum(p.numel() for p in ours.parameters()) / 1e6, 1) == 53.2
+    assert round(sum(p.numel() for p in full.parameters()) / 1e6, 1) == 72.8
+    # ours -> MONAI, strict on the encoder part
+    ref_small, ours_small = monai_and_ours(12)
+    torch.nn.init.normal_(ours_small.swinViT.layers3[0].blocks[1].attn.relative_position_bias_table)
+    missing, unexpected = ref_small.load_state_dict(ours_small.state_dict(), strict=False)
+    assert unexpected == [] and all(k.startswith(("decoder", "out.")) for k in missing)
+    assert torch.equal(ref_small.swinViT.layers3[0].blocks[1].attn.relative_position_bias_table,
+                       ours_small.swinViT.layers3[0].blocks[1].attn.relative_position_bias_table)
+
+
+@pytest.mark.slow
+def test_full_swinunetr_matches_monai():
+    torch.manual_seed(0)
+    ref = SwinUNETR(in_channels=1, out_channels=21, feature_size=12, use_v2=True).eval()
+    ours = build_swinunetr(12, 21).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max() < 1e-4
+
+
+def test_window_plan_is_a_permutation_with_grouped_patterns():
+    # 8³ tokens, window 7, shift 3: padded to 14³, 8 windows, each with its own shift/pad pattern
+    plan = window_plan((8, 8, 8), (7, 7, 7), (3, 3, 3), "cpu")
+    assert torch.equal(plan.order.sort().values, torch.arange(512))
+    assert torch.equal(plan.order[plan.inverse], torch.arange(512))
+    assert len(plan.groups) == 8 and sum(plan.group_sizes) == 512
+    assert all(g.real_slots.numel() + g.pad_slots.numel() == 343 for g in plan.groups)
+    # a 4³ map is smaller than the window: one 4³ window, no shift, no padding (MONAI's rule)
+    small = window_plan((4, 4, 4), (7, 7, 7), (3, 3, 3), "cpu")
+    assert small.window == (4, 4, 4) and len(small.groups) == 1
+    assert small.groups[0].shift_mask is None and small.groups[0].pad_slots.numel() == 0
+
+
+def test_small_crop_bypass_is_encoder10_on_one_voxel():
+    """At 32³ MONAI refuses encoder10 (a 1³ map); the bypass variant trains and gives the block's limit value."""
+    ref, ours = monai_and_ours(12)
+    ours.small_crop = "bypass"
+    x = torch.randn(2, 1, 32, 32, 32)
+    with pytest.raises(ValueError, match="spatial element"):
+        build_encoder(12).train()(x)
+    ours.train()
+    emb = ours.embed(x)
+    assert emb.shape == (2, 24 * 12)
+    emb.sum().backward()
+    assert ours.swinViT.patch_embed.proj.weight.grad is not None
+    with torch.no_grad():
+        h = ref.swinViT(x, ref.normalize)
+        maps = [ref.encoder1(x), ref.encoder2(h[0]), ref.encoder3(h[1]), ref.encoder4(h[2])]
+        # UnetResBlock on one voxel: conv -> norm (= 0) -> act -> conv -> norm (= 0); + residual; LeakyReLU(0.01)
+        maps.append(F.leaky_relu(h[4], 0.01))
+    assert (emb.detach() - pooled_embedding(maps)).abs().max() < 1e-4
+
+
+def test_small_crop_upsample_runs_the_exact_model_at_64():
+    torch.manual_seed(0)
+    ours = build_encoder(12, small_crop="upsample").eval()
+    exact = build_encoder(12).eval()
+    exact.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        big = F.interpolate(x, size=(64, 64, 64), mode="trilinear", align_corners=False)
+        assert torch.allclose(ours.embed(x), exact.embed(big), atol=1e-6)
+    with pytest.raises(ValueError, match="small_crop"):
+        build_encoder(12, small_crop="pool")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = build_encoder(12, small_crop="bypass")
+    ckpt = build_encoder(12, small_crop="bypass", grad_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    plain.embed(x).square().sum().backward()
+    ckpt.embed(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if name.startswith("encoder10."):  # bypassed at 32³: no gradient either way
+            assert p.grad is None and q.grad is None
+        else:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        build_encoder(12)(torch.zeros(1, 1, 48, 48, 48))
+    with pytest.raises(ValueError, match="multiple of 12"):
+        build_encoder(16)
