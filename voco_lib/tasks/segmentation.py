@@ -89,18 +89,22 @@ class SegmentationRunner(Runner):
             dices.append(dice_per_class(pred, s["label"][0], k))
             if final and self.ctx.fc.hd95:
                 hds.append(hd95_per_class(pred, s["label"][0], k, spacing=_spacing(self.ctx, s)))
-        per_class = np.nanmean(np.stack(dices), 0) if len(dices) else np.full(k - 1, np.nan)
+        per_class = _nanmean0(np.stack(dices)) if len(dices) else np.full(k - 1, np.nan)
         out: dict[str, Any] = {"dice": float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan"),
                                "dice_per_class": dict(zip(names, per_class.tolist()))}
         if hds:
             hd = np.stack(hds)
-            with np.errstate(all="ignore"):
-                finite = np.where(np.isfinite(hd), hd, np.nan)
-                per = np.nanmean(finite, 0)
+            per = _nanmean0(np.where(np.isfinite(hd), hd, np.nan))  # a missed structure (inf) is counted apart
             out["hd95"] = float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
             out["hd95_per_class"] = dict(zip(names, per.tolist()))
             out["missed_structures"] = int(np.isinf(hd).sum())
         return out
+
+
+def _nanmean0(x: np.ndarray) -> np.ndarray:
+    """Column means skipping NaN; NaN for an all-NaN column (no warning)."""
+    n = (~np.isnan(x)).sum(0)
+    return np.where(n > 0, np.nansum(x, 0) / np.maximum(n, 1), np.nan)
 
 
 def _spacing(ctx: Context, s: Sample) -> tuple[float, ...] | None:
