@@ -8,6 +8,7 @@ settings (`--allocator tuned` keeps freed memory in glibc, see shared/reference/
     python benchmarks/backbone.py                       # CPU, the two issue configurations
     python benchmarks/backbone.py --device cuda --bf16  # GPU, bf16 autocast
     python benchmarks/backbone.py --configs 12:64:1 --iters 3
+    python benchmarks/backbone.py --small-crop-study 120   # which 32³ variant learns position faster
 """
 
 from __future__ import annotations
@@ -91,6 +92,66 @@ def worker(side: str, feature_size: int, size: int, batch: int, iters: int, devi
             "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
 
+def small_crop_study(seconds: float, feature_size: int = 12) -> None:
+    """Which 32³ variant learns a position task faster per CPU second: "bypass" (32³ all the way) or
+    "upsample" (crops resized to 64³, exact model).
+
+    Proxy task (self-contained, no data download): one smooth random volume (64×64×32 region, 2×2×1 grid of
+    32³ base crops); a random 32³ crop's label is the fraction of it inside each base crop (VoCo's position
+    label, spec §1.1); encoder.embed -> Linear -> softmax, soft cross-entropy. Same seed, batch 4, AdamW 1e-4,
+    for `seconds` of process CPU time each; the held-out loss of 32 fixed crops is printed as it falls.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from voco_lib.backbone import build_encoder
+    from voco_lib.crops import grid_boxes, overlap_labels, random_boxes
+
+    g = torch.Generator().manual_seed(0)
+    region = F.interpolate(torch.randn(1, 1, 8, 8, 4, generator=g), size=(64, 64, 32), mode="trilinear")[0]
+    region = region + 0.1 * torch.randn(region.shape, generator=g)
+    bases = grid_boxes((64, 64, 32), (2, 2, 1))
+
+    def batch(n: int, gen: torch.Generator):
+        boxes = random_boxes((64, 64, 32), (32, 32, 32), n, gen)
+        crops = torch.stack([region[:, x0:x1, y0:y1, z0:z1] for (x0, x1), (y0, y1), (z0, z1) in boxes.tolist()])
+        return crops, overlap_labels(boxes, bases).float()
+
+    held_x, held_y = batch(32, torch.Generator().manual_seed(99))
+    floor = float(-(held_y * held_y.clamp_min(1e-9).log()).sum(1).mean())
+    print(f"small-crop study: feature {feature_size}, {seconds:.0f} CPU-s per variant; held-out loss floor "
+          f"(label entropy) {floor:.3f}")
+    for variant in ("bypass", "upsample"):
+        torch.manual_seed(0)
+        enc = build_encoder(feature_size, small_crop=variant)
+        head = torch.nn.Linear(enc.embed_dim, len(bases))
+        opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-4)
+        gen = torch.Generator().manual_seed(1)
+
+        def held_out() -> float:
+            enc.eval()
+            with torch.no_grad():
+                loss = float(-(held_y * head(enc.embed(held_x)).log_softmax(1)).sum(1).mean())
+            enc.train()
+            return loss
+
+        steps, used, curve = 0, 0.0, [(0.0, held_out())]
+        while used < seconds:
+            t = time.process_time()
+            x, y = batch(4, gen)
+            loss = -(y * head(enc.embed(x)).log_softmax(1)).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            used += time.process_time() - t
+            if steps % 10 == 0:
+                curve.append((used, held_out()))
+        curve.append((used, held_out()))
+        print(f"  {variant:9} {steps:4d} steps, {used / steps:.2f} CPU-s/step; held-out loss by CPU-s: "
+              + ", ".join(f"{u:.0f}s:{v:.3f}" for u, v in curve), flush=True)
+
+
 def launch(side: str, cfg: tuple[int, int, int], args, weights: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if args.allocator == "tuned":
@@ -111,11 +172,16 @@ def main() -> int:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (both sides)")
     p.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
                    help="glibc malloc settings for both sides (tuned: keep freed memory)")
+    p.add_argument("--small-crop-study", type=float, metavar="SECONDS", default=None,
+                   help="instead: compare the 32³ variants on a position task for SECONDS CPU-s each")
     p.add_argument("--worker", choices=["monai", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args()
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
 
+    if args.small_crop_study:
+        small_crop_study(args.small_crop_study)
+        return 0
     if args.worker:
         fs, size, batch = configs[0]
         print(json.dumps(worker(args.worker, fs, size, batch, args.iters, args.device, args.bf16, args.weights)))
