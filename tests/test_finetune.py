@@ -58,12 +58,11 @@ def test_segmentation_improves_and_writes_the_run_dir(tmp_path):
 
 def test_classification_improves(tmp_path):
     res = finetune("phantom-cls", profile="smoke", seed=EASY, out=tmp_path / "cls", show_progress=False,
-                   overrides=["finetune.steps=8", "finetune.eval_every=4", "finetune.n_train=4", "finetune.n_val=4",
+                   overrides=["finetune.steps=12", "finetune.eval_every=6", "finetune.n_train=4", "finetune.n_val=4",
                               "finetune.batch_size=4"])
-    vals = [json.loads(x) for x in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
-    assert vals[-1]["loss"] < vals[0]["loss"]
-    assert vals[-1]["auc"] > vals[0]["auc"]
-    assert res["metrics"]["n_val"] == 4
+    auc = _curve(res, "auc")
+    assert auc[-1] > auc[0], auc
+    assert res["metrics"]["accuracy"] > 0.5 and res["metrics"]["n_val"] == 4
 
 
 def test_registration_improves_without_folding(tmp_path):

@@ -170,9 +170,12 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_jsonl(path: Path, before_step: int) -> None:
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """On resume: drop the lines a stopped run wrote after its checkpoint at `last_step` (they are recomputed).
+
+    Lines at `last_step` itself were written before that checkpoint (log, validation, then checkpoint)."""
     if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < before_step]
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
         _atomic_text(path, "".join(k + "\n" for k in keep))
 
 
