@@ -337,6 +337,17 @@ def _truncate_jsonl(path: Path, before_step: int) -> None:
     _atomic_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_config_changes(a, b, f"{prefix}{k}."))
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out[prefix + k] = (a, b)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 class _Stop:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits."""
@@ -432,6 +443,9 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
         if state["world"] * state["accum"] != rt.world * t.accum:
             raise ValueError(f"{ckpts[-1]}: saved with world·accum = {state['world'] * state['accum']}, "
                              f"now {rt.world * t.accum}; resume with the same number of processes × train.accum")
+        changed = _config_changes(state["config"], to_dict(cfg))
+        if changed and rt.main:
+            print(f"resuming with a changed config (was -> now): {changed}", flush=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
