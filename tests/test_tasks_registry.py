@@ -79,3 +79,11 @@ def test_cli_lists_every_task(capsys):
     out = capsys.readouterr().out
     assert "54 tasks (50 real, 4 phantom analogs)" in out
     assert all(f"\n{n} " in out for n in ("btcv", "phantom-seg", "oasis", "ct-rate"))
+
+
+def test_every_task_names_an_existing_dataset_manifest():
+    from voco_lib.data.manifests import list_manifests
+
+    datasets = set(list_manifests("datasets"))
+    missing = {n: load_task(n).dataset for n in list_tasks() if load_task(n).dataset not in datasets}
+    assert not missing, f"tasks naming datasets without a manifest in data_manifests/datasets/: {missing}"
