@@ -56,3 +56,16 @@ def test_init_resolution(released_layout, tmp_path):
     assert len(sha256(path)) == 64
     with pytest.raises(ValueError, match="not a file, not a run directory"):
         resolve_init("no-such-checkpoint")
+
+
+def test_cli_errors_are_clear(capsys):
+    from voco_lib.cli import main
+    from voco_lib.tasks import _split_overrides
+
+    assert _split_overrides(["datalist=/d/x.json", "finetune.steps=3"]) == ("/d/x.json", ["finetune.steps=3"])
+    assert main(["finetune", "btcv", "--profile", "smoke"]) == 2  # a real task needs its data
+    assert "needs its data: pass a datalist" in capsys.readouterr().err
+    assert main(["finetune", "no-such-task"]) == 2
+    assert "unknown task 'no-such-task'" in capsys.readouterr().err
+    assert main(["finetune", "phantom-seg", "--init", "nowhere.pt", "--profile", "smoke"]) == 2
+    assert "not a file, not a run directory" in capsys.readouterr().err
