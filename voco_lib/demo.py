@@ -298,11 +298,12 @@ def explorer_widget(model: Any, subject: Subject, cfg: Profile) -> Any:
 
 # ------------------------------------------------------------------------------------------------ demo
 def run_demo(out: str | Path = "runs/demo", profile: str = "cpu", notebooks: Sequence[str] = DEMO_NOTEBOOKS,
-             timeout_s: int = 1200) -> Path:
+             timeout_s: int | None = None) -> Path:
     """Execute the notebooks with papermill into `out/` (one run directory each) and write `out/report.html`.
 
     The 3-D viewer's widget state is not stored (`store_widget_state=False`): its JavaScript and volume
-    bytes would otherwise add megabytes per notebook. Returns the report path.
+    bytes would otherwise add megabytes per notebook. `timeout_s` limits each cell (None: no limit; the
+    pre-training cell takes minutes on a busy laptop). Returns the report path.
     """
     import nbformat
     import papermill as pm
