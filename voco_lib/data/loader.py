@@ -222,8 +222,10 @@ class InfiniteOrder:
 
 def make_loader(dataset: ViewsDataset, order: InfiniteOrder, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over the infinite order; per-sample generators make the worker count irrelevant."""
+    # An own generator: creating the iterator draws a base seed, which would otherwise advance the global
+    # torch RNG (the embedding dropout's) and break bit-exact resume. Samples use their own generators anyway.
     return DataLoader(dataset, batch_sampler=order, num_workers=workers, collate_fn=collate_views,
-                      pin_memory=pin_memory, persistent_workers=False,
+                      pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(0),
                       prefetch_factor=4 if workers else None)
 
 
