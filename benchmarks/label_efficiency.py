@@ -5,7 +5,9 @@ labelled volumes from the VoCo encoder and from scratch, same budget and seeds. 
 setting and the VoCo − scratch difference, writes summary.json and a validation-curve figure.
 
     OMP_NUM_THREADS=1 python benchmarks/label_efficiency.py --out runs/label_efficiency [--pretrain RUN_DIR]
-        [--labels 1 2 4] [--seeds 0 1 2] [--shard 0/2] [overrides ...]
+        [--labels 1 2 4] [--seeds 0 1 2] [--shard 0/2] [-- overrides ...]
+
+(`--` ends the option lists, so `--labels 1 4 -- finetune.steps=100` does not read the overrides as labels.)
 
 `--shard i/n` runs every n-th fine-tuning (start i) so that n processes can share the grid; run once more
 without --shard (finished runs are read back, not redone) to print the table.
