@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,16 +100,24 @@ def test_full_swinunetr_matches_monai():
 
 
 def test_window_plan_is_a_permutation_with_grouped_patterns():
-    # 8³ tokens, window 7, shift 3: padded to 14³, 8 windows, each with its own shift/pad pattern
+    # 8³ tokens, window 7, shift 3: padded to 14³, 2 windows per axis. Along one axis (shifted coordinate p
+    # holds token (p + 3) mod 14): window 0 = tokens 3..7 + 2 pads, all region 0; window 1 = region 1 (4 pads,
+    # no real token: no sub-window) and region 2 (tokens 0..2, no pad). So 2³ = 8 sub-windows with
+    # (real, real + pad) = (5 or 3, 7 or 3) per axis.
     plan = window_plan((8, 8, 8), (7, 7, 7), (3, 3, 3), "cpu")
     assert torch.equal(plan.order.sort().values, torch.arange(512))
     assert torch.equal(plan.order[plan.inverse], torch.arange(512))
     assert len(plan.groups) == 8 and sum(plan.group_sizes) == 512
-    assert all(g.real_slots.numel() + g.pad_slots.numel() == 343 for g in plan.groups)
+    sizes = sorted((g.real_slots.numel(), g.real_slots.numel() + g.pad_slots.numel()) for g in plan.groups)
+    expected = sorted((a * b * c, x * y * z) for (a, x), (b, y), (c, z)
+                      in itertools.product([(5, 7), (3, 3)], repeat=3))
+    assert sizes == expected
+    assert plan.pairs.numel() == sum(r * (r + p) for r, p in
+                                     ((g.real_slots.numel(), g.pad_slots.numel()) for g in plan.groups))
     # a 4³ map is smaller than the window: one 4³ window, no shift, no padding (MONAI's rule)
     small = window_plan((4, 4, 4), (7, 7, 7), (3, 3, 3), "cpu")
     assert small.window == (4, 4, 4) and len(small.groups) == 1
-    assert small.groups[0].shift_mask is None and small.groups[0].pad_slots.numel() == 0
+    assert small.groups[0].pad_slots.numel() == 0 and small.groups[0].real_slots.numel() == 64
 
 
 def test_small_crop_bypass_is_encoder10_on_one_voxel():

@@ -6,8 +6,10 @@ only how shifted-window attention is computed (see `WindowPlan` and `WindowAtten
 
 - no padding, rolling or window partitioning of the feature map: each window's tokens are gathered by a
   precomputed index, cached per input size;
-- windows that share a mask pattern (shift regions + padding) form one batch with one additive bias
-  (relative position bias + shift mask) fed to `scaled_dot_product_attention`;
+- a shifted window is split into its shift regions: MONAI's -100 mask between regions leaves softmax weights
+  below e^-80 (zero in fp32/bf16), so attending within each region is the same result without the mask;
+- sub-windows that share a pattern (real and pad positions) form one batch with one additive bias
+  (relative position bias) fed to one attention call;
 - padded query positions are dropped (MONAI crops their outputs away);
 - padded key positions are kept exactly: MONAI pads *after* norm1, so every pad token has k = qkv-bias(k) and
   v = qkv-bias(v); all pad keys of a window collapse into one key whose bias is the log-sum-exp of their
@@ -30,33 +32,45 @@ from monai.networks.layers import DropPath
 from monai.networks.nets.swin_unetr import PatchMerging
 from torch import nn
 
-MASK_VALUE = -100.0  # MONAI's value for "other shift region" (not -inf), kept for identical results
 SMALL_CROP_VARIANTS = ("bypass", "upsample")
 
 
 # ------------------------------------------------------------------------------------------------ geometry
 @dataclass(frozen=True)
 class WindowGroup:
-    """Windows sharing one mask pattern; their real tokens sit contiguously in the plan's token order."""
+    """Sub-windows sharing one pattern; their real tokens sit contiguously in the plan's token order.
 
-    n_windows: int
+    A sub-window is the set of tokens of one window that lie in one shift region. MONAI masks attention
+    between regions with -100, which leaves those pairs softmax weights below e^-80 relative to the pair
+    of a token with itself: zero at fp32/bf16 resolution (and denormal numbers that slow the CPU down).
+    Attending within each region is therefore the same result with less work and no mask."""
+
+    n_windows: int  # sub-windows in the group
     real_slots: torch.Tensor  # (n_real,) positions inside the window of the real tokens (row-major)
-    pad_slots: torch.Tensor  # (n_pad,) positions inside the window that are padding
-    shift_mask: torch.Tensor | None  # (n, n) 0 / MASK_VALUE, or None without shift
+    pad_slots: torch.Tensor  # (n_pad,) positions of the region's padding tokens
 
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """One attention layout on a d×h×w grid: token order (windows grouped by pattern) and the groups."""
+    """One attention layout on a d×h×w grid: token order (sub-windows grouped by pattern) and the groups.
+
+    pairs: for every group, the flat positions q·n + k in the n×n window bias of its (real query, real key)
+    pairs, then of its (real query, pad key) pairs, all groups concatenated: the bias of a whole block is one
+    gather."""
 
     window: tuple[int, int, int]
     groups: tuple[WindowGroup, ...]
     order: torch.Tensor  # (N,) natural token index at each position of the plan order
     inverse: torch.Tensor  # (N,) position in the plan order of each natural token
+    pairs: torch.Tensor  # (P,) see above
 
     @property
     def group_sizes(self) -> list[int]:
         return [g.n_windows * g.real_slots.numel() for g in self.groups]
+
+    @property
+    def pair_sizes(self) -> list[int]:
+        return [g.real_slots.numel() * n for g in self.groups for n in (g.real_slots.numel(), g.pad_slots.numel())]
 
 
 def effective_window(dims: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...]):
@@ -84,21 +98,26 @@ def window_plan(dims: tuple[int, int, int], window: tuple[int, int, int], shift:
     groups: dict[tuple, list[torch.Tensor]] = {}
     for wi in itertools.product(*[range(p // w) for p, w in zip(padded, win)]):
         (sd, pd, rd), (sy, py, ry), (sx, px, rx) = [(a[0][i], a[1][i], a[2][i]) for a, i in zip(axes, wi)]
-        src = (sd[:, None, None] * dims[1] + sy[None, :, None]) * dims[2] + sx[None, None, :]
+        src = ((sd[:, None, None] * dims[1] + sy[None, :, None]) * dims[2] + sx[None, None, :]).flatten()
         pad = (pd[:, None, None] | py[None, :, None] | px[None, None, :]).flatten()
         region = (rd[:, None, None] * 9 + ry[None, :, None] * 3 + rx[None, None, :]).flatten()
-        groups.setdefault((tuple(pad.tolist()), tuple(region.tolist())), []).append(src.flatten()[~pad])
-    out, order = [], []
-    for (pad, region), toks in groups.items():
-        pad, region = torch.tensor(pad), torch.tensor(region)
-        mask = torch.where(region[:, None] == region[None, :], 0.0, MASK_VALUE).to(device) if any(sh) else None
-        out.append(WindowGroup(len(toks), torch.nonzero(~pad).flatten().to(device),
-                               torch.nonzero(pad).flatten().to(device), mask))
+        for r in region.unique().tolist():
+            real = (region == r) & ~pad
+            if real.any():
+                key = (tuple(torch.nonzero(real).flatten().tolist()),
+                       tuple(torch.nonzero((region == r) & pad).flatten().tolist()))
+                groups.setdefault(key, []).append(src[real])
+    n = win[0] * win[1] * win[2]
+    out, order, pairs = [], [], []
+    for (real, pad), toks in groups.items():
+        real, pad = torch.tensor(real, dtype=torch.long), torch.tensor(pad, dtype=torch.long)
+        out.append(WindowGroup(len(toks), real.to(device), pad.to(device)))
+        pairs += [(real[:, None] * n + real[None, :]).flatten(), (real[:, None] * n + pad[None, :]).flatten()]
         order.extend(toks)
     perm = torch.cat(order)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel())
-    return WindowPlan(win, tuple(out), perm.to(device), inverse.to(device))
+    return WindowPlan(win, tuple(out), perm.to(device), inverse.to(device), torch.cat(pairs).to(device))
 
 
 class _Reorder(torch.autograd.Function):
@@ -137,38 +156,39 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def window_bias(self, n: int) -> torch.Tensor:
-        """(heads, n, n) relative position bias of an n-token window.
+    def group_biases(self, plan: WindowPlan) -> list[torch.Tensor]:
+        """Per group (heads, n_real, n_real [+1]): the relative position bias between its real tokens, and one
+        column for all its pad keys (log-sum-exp of their biases). One gather for the whole block.
 
         MONAI indexes the full-window table with [:n, :n] also when the window shrinks (small maps)."""
-        return F.embedding(self.relative_position_index[:n, :n], self.relative_position_bias_table).permute(2, 0, 1)
-
-    @staticmethod
-    def group_bias(bias: torch.Tensor, group: WindowGroup) -> torch.Tensor:
-        """(heads, n_real, n_real [+1]): window bias + shift mask for the real tokens; pad keys collapsed."""
-        if group.shift_mask is not None:
-            bias = bias + group.shift_mask
-        if group.pad_slots.numel() == 0:
-            return bias
-        rows = bias.index_select(1, group.real_slots)
-        pad = rows.index_select(2, group.pad_slots).logsumexp(-1, keepdim=True)
-        return torch.cat([rows.index_select(2, group.real_slots), pad], -1)
+        n = plan.window[0] * plan.window[1] * plan.window[2]
+        full = F.embedding(self.relative_position_index[:n, :n].reshape(-1), self.relative_position_bias_table)
+        parts = full.index_select(0, plan.pairs).split(plan.pair_sizes)
+        out = []
+        for g, real, pad in zip(plan.groups, parts[0::2], parts[1::2]):
+            nr = g.real_slots.numel()
+            bias = real.view(nr, nr, -1).permute(2, 0, 1)
+            if g.pad_slots.numel():
+                pad = pad.view(nr, g.pad_slots.numel(), -1).permute(2, 0, 1).logsumexp(-1, keepdim=True)
+                bias = torch.cat([bias, pad], -1)
+            out.append(bias)
+        return out
 
     def forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         """x: (b, N, C) normalised tokens in `plan.order` -> (b, N, C) in the same order."""
         b, _, c = x.shape
         h, hd = self.num_heads, c // self.num_heads
-        bias = self.window_bias(plan.window[0] * plan.window[1] * plan.window[2])
         outs = []
-        for g, t in zip(plan.groups, self.qkv(x).split(plan.group_sizes, 1)):
+        parts = zip(plan.groups, self.qkv(x).split(plan.group_sizes, 1), self.group_biases(plan))
+        for g, t, bias in parts:
             n_real, bw = g.real_slots.numel(), b * g.n_windows
             q, k, v = t.view(b, g.n_windows, n_real, 3, h, hd).permute(3, 0, 1, 4, 2, 5).reshape(
                 3, bw, h, n_real, hd).unbind(0)
-            if g.pad_slots.numel():  # one key standing for all pad tokens of the window (zeros after norm1)
+            if g.pad_slots.numel():  # one key standing for all pad tokens of the region (zeros after norm1)
                 pad_k, pad_v = self._pad_key_value(c, q.dtype).unbind(0)
                 k = torch.cat([k, pad_k.expand(bw, h, 1, hd)], 2)
                 v = torch.cat([v, pad_v.expand(bw, h, 1, hd)], 2)
-            o = attention(q, k, v, self.group_bias(bias, g).to(q.dtype), self.scale)
+            o = attention(q, k, v, bias.to(q.dtype), self.scale)
             outs.append(o.view(b, g.n_windows, h, n_real, hd).transpose(2, 3).reshape(b, -1, c))
         return self.proj(torch.cat(outs, 1))
 
