@@ -250,8 +250,11 @@ def _coerce(value: str, current: Any) -> Any:
     return value
 
 
-def override(obj: Any, assignments: dict[str, str] | list[str]) -> Any:
-    """Apply `a.b=value` overrides to nested frozen dataclasses, with typed coercion (no truthy strings)."""
+def override(obj: Any, assignments: dict[str, str] | list[str], _prefix: str = "") -> Any:
+    """Apply `a.b=value` overrides to nested frozen dataclasses, with typed coercion (no truthy strings).
+
+    All assignments to one section are applied together, so the section is validated once, in its final
+    state (`views.grid=3x3x1 views.region=...` works in either order)."""
     if isinstance(assignments, list):
         pairs = {}
         for item in assignments:
@@ -260,16 +263,20 @@ def override(obj: Any, assignments: dict[str, str] | list[str]) -> Any:
             k, v = item.split("=", 1)
             pairs[k.strip()] = v.strip()
         assignments = pairs
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, str]] = {}
     for key, value in assignments.items():
         head, _, rest = key.partition(".")
-        names = {f.name for f in dataclasses.fields(obj)}
         if head not in names:
-            raise ValueError(f"unknown config key {key!r}; known: {sorted(names)}")
-        current = getattr(obj, head)
-        new = override(current, {rest: value}) if rest else (
-            value if not isinstance(value, str) else _coerce(value, current))
-        obj = replace(obj, **{head: new})
-    return obj
+            raise ValueError(f"unknown config key {_prefix + key!r}; known: {sorted(names)}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            changes[head] = value if not isinstance(value, str) else _coerce(value, getattr(obj, head))
+    for head, sub in nested.items():
+        changes[head] = override(changes.get(head, getattr(obj, head)), sub, f"{_prefix}{head}.")
+    return replace(obj, **changes) if changes else obj
 
 
 def resolve(profile: str | None = None, overrides: dict[str, str] | list[str] | None = None) -> Profile:
@@ -279,3 +286,22 @@ def resolve(profile: str | None = None, overrides: dict[str, str] | list[str] | 
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+def profile_from_dict(d: dict[str, Any]) -> Profile:
+    """Inverse of `to_dict` (a run's config.yaml -> Profile): every section rebuilt, lists back to tuples."""
+
+    def build(cls: type, values: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys in config: {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    d = dict(d)
+    sections = {"views": ViewConfig, "loss": LossConfig, "heads": HeadConfig, "train": TrainConfig,
+                "finetune": FinetuneConfig}
+    for k, cls in sections.items():
+        if isinstance(d.get(k), dict):
+            d[k] = build(cls, d[k])
+    return Profile(**d)

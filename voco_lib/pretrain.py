@@ -28,11 +28,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from voco_lib.config import HeadConfig, Profile, ViewConfig, resolve, to_dict
+from voco_lib.config import Profile, profile_from_dict, resolve, to_dict
 from voco_lib.crops import Views, collate_views
 from voco_lib.data.loader import (InfiniteOrder, ViewsDataset, build_volumes, held_out_views, make_loader,
                                   region_mode_of, views_to)
@@ -69,26 +68,6 @@ def build_config(profile: str | None = None, overrides: Sequence[str] | dict[str
     from voco_lib.config import override
 
     return override(cfg, rest)
-
-
-def profile_from_dict(d: dict[str, Any]) -> Profile:
-    """Inverse of `to_dict` (config.yaml -> Profile), tuples restored."""
-    from voco_lib.config import LossConfig, TrainConfig
-
-    def build(cls, values):
-        kw = {}
-        for f in dataclasses.fields(cls):
-            if f.name in values:
-                v = values[f.name]
-                kw[f.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kw)
-
-    d = dict(d)
-    sections = {"views": ViewConfig, "loss": LossConfig, "heads": HeadConfig, "train": TrainConfig}
-    for k, cls in sections.items():
-        if k in d:
-            d[k] = build(cls, d[k])
-    return Profile(**d)
 
 
 # ------------------------------------------------------------------------------------------------ model
