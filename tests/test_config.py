@@ -22,6 +22,9 @@ def test_overrides_of_one_section_are_validated_together(order):
 def test_override_types_and_unknown_keys():
     cfg = resolve("cpu", {"train.lr": "1e-3", "views.augment": "true", "finetune.steps": "7", "steps": "3"})
     assert cfg.train.lr == 1e-3 and cfg.views.augment is True and cfg.finetune.steps == 7 and cfg.steps == 3
+    # fields that default to None take their declared type
+    ft = resolve("gpu", ["finetune.lr=3e-4", "finetune.roi=96x96x96", "finetune.eval_every=none"]).finetune
+    assert ft.lr == 3e-4 and isinstance(ft.lr, float) and ft.roi == (96, 96, 96) and ft.eval_every is None
     with pytest.raises(ValueError, match="unknown config key 'train.nope'"):
         resolve("cpu", ["train.nope=1"])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -232,22 +233,21 @@ def profile_name(requested: str | None = None) -> str:
     return name
 
 
-def _coerce(value: str, current: Any) -> Any:
-    if isinstance(current, bool):
+def _coerce(value: str, current: Any, hint: str = "") -> Any:
+    """A command-line string as the type of the field: its current value's, or its declared type when unset."""
+    if value.lower() == "none" and (current is None or "None" in hint):
+        return None
+    kind = type(current) if current is not None else next(
+        (t for t in (bool, tuple, float, int) if t.__name__ in hint or (t is tuple and "Triple" in hint)), str)
+    if kind is bool:
         if value.lower() in {"1", "true", "yes", "on"}:
             return True
         if value.lower() in {"0", "false", "no", "off"}:
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
-    if isinstance(current, tuple):
+    if kind is tuple:
         return tuple(int(v) for v in value.replace("x", ",").split(","))
-    if current is None and value.lower() == "none":
-        return None
-    return value
+    return kind(value) if kind in (int, float) else value
 
 
 def override(obj: Any, assignments: dict[str, str] | list[str], _prefix: str = "") -> Any:
@@ -273,7 +273,8 @@ def override(obj: Any, assignments: dict[str, str] | list[str], _prefix: str = "
         if rest:
             nested.setdefault(head, {})[rest] = value
         else:
-            changes[head] = value if not isinstance(value, str) else _coerce(value, getattr(obj, head))
+            hint = str(typing.get_type_hints(type(obj)).get(head, ""))
+            changes[head] = value if not isinstance(value, str) else _coerce(value, getattr(obj, head), hint)
     for head, sub in nested.items():
         changes[head] = override(changes.get(head, getattr(obj, head)), sub, f"{_prefix}{head}.")
     return replace(obj, **changes) if changes else obj

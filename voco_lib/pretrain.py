@@ -33,6 +33,8 @@ from torch import nn
 
 from voco_lib.config import Profile, profile_from_dict, resolve, to_dict
 from voco_lib.crops import Views, collate_views
+from voco_lib.distributed import (barrier, check_ranks_in_sync, gather_objects, init_runtime, main_first, shutdown,
+                                  wrap_ddp)
 from voco_lib.data.loader import (InfiniteOrder, ViewsDataset, build_volumes, held_out_views, make_loader,
                                   region_mode_of, views_to)
 from voco_lib.heads import EMATeacher, EmbeddingDropout, ProjectionHead, VoCoHeads
@@ -210,35 +212,6 @@ def build_optimizer(model: VoCoModel, cfg: Profile) -> tuple[torch.optim.Optimiz
 
 
 # ------------------------------------------------------------------------------------------------ runtime
-@dataclasses.dataclass
-class Runtime:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def init_runtime() -> Runtime:
-    """One process, or one rank of a `torchrun` job (env://): NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Runtime(rank, world, local, device)
-
-
 def tune_allocator() -> bool:
     """glibc: keep freed blocks instead of unmapping them (a Swin step allocates GBs; ≈1.7x on 2 cores)."""
     if not sys.platform.startswith("linux"):
@@ -351,17 +324,6 @@ class _Stop:
             signal.signal(s, h)
 
 
-@torch.no_grad()
-def check_ranks_in_sync(model: nn.Module) -> None:
-    """Every rank must hold bit-identical weights (student, teacher): elementwise max == min across ranks."""
-    flat = torch.cat([p.detach().flatten().float() for p in model.state_dict().values() if p.is_floating_point()])
-    hi, lo = flat.clone(), flat.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    if not torch.equal(hi, lo):
-        raise RuntimeError(f"DDP ranks diverged: {(hi != lo).sum().item()} weights differ across ranks")
-
-
 def _perf_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
@@ -404,15 +366,11 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
     seed_everything(t.seed + 1 + rt.rank)  # per-rank stream for the embedding dropout
 
     # data
-    if rt.main:
+    with main_first(rt):  # rank 0 fills the preprocessing cache, the others then read it
         vols, held = build_volumes(data, cfg)
-        for v in (vols, held):
+        for v in (vols, held) if rt.main else ():
             if hasattr(v, "warm"):
                 v.warm(show_progress)
-    if rt.distributed:
-        dist.barrier()
-    if not rt.main:
-        vols, held = build_volumes(data, cfg)
     dataset = ViewsDataset(vols, cfg.views, region_mode_of(cfg), t.seed)
     eval_views = held_out_views(held, cfg)
 
@@ -437,8 +395,7 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
             _truncate_jsonl(out / "metrics.jsonl", start + 1)
     else:
         order = InfiniteOrder(len(vols), cfg.batch_size, t.seed, rt.world, rt.rank, t.accum)
-    ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-           if rt.distributed else model)
+    ddp = wrap_ddp(model, rt)
 
     eff_batch = cfg.batch_size * t.accum * rt.world
     if rt.main:
@@ -471,19 +428,15 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
 
     def checkpoint(step: int) -> None:
         order.next_step = step
-        rngs = [None] * rt.world
         if rt.distributed:
             check_ranks_in_sync(model)
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+        rngs = gather_objects(rng_state(), rt)
         if rt.main:
             state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                      "data": order.state_dict(), "world": rt.world, "accum": t.accum, "config": to_dict(cfg)}
             save_checkpoint(out, state, step, t.keep_last)
-        if rt.distributed:
-            dist.barrier()
+        barrier(rt)
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "off" else contextlib.nullcontext())
@@ -563,9 +516,7 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
             from voco_lib.viz import plot_metrics
 
             plot_metrics(out / "metrics.jsonl", out / "figures")  # figures/metrics.png
-    if rt.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown(rt)
     return out
 
 
