@@ -48,6 +48,11 @@ class Task:
         return self.dataset == "phantom"
 
     @property
+    def engine(self) -> str:
+        """The authors' training path: "monai" (our SwinUNETR loop) or "nnunet" (export: voco_lib.tasks.nnunet)."""
+        return str(self.raw.get("engine", "monai"))
+
+    @property
     def out_channels(self) -> int:
         """Network outputs: K (segmentation includes background), or the class count for classification."""
         if self.num_classes is None:
@@ -69,6 +74,14 @@ def validate_manifest(data: Any, path: Path | str = "<task>") -> None:
         raise ValueError(f"{path}: a {data['type']} task needs num_classes")
     if data["type"] == "segmentation" and classes is not None and classes[0] != "background":
         raise ValueError(f"{path}: segmentation classes start with 'background' (index 0)")
+    if classes is None and data["type"] != "vision_language" and not data.get("classes_note"):
+        raise ValueError(f"{path}: no class names and no classes_note; list the classes (label order, citing "
+                         "classes_source) or say in classes_note why they are not listed")
+    if data.get("engine") == "nnunet" and "nnunet" not in data:
+        raise ValueError(f"{path}: engine: nnunet needs an 'nnunet' section (dataset_name, channel_names)")
+    if "nnunet" in data and len(data["nnunet"]["channel_names"]) != data["in_channels"]:
+        raise ValueError(f"{path}: nnunet.channel_names lists {len(data['nnunet']['channel_names'])} channels but "
+                         f"in_channels is {data['in_channels']}; make them agree")
     if data["dataset"] == "phantom" and "phantom" not in data:
         raise ValueError(f"{path}: a phantom task needs a 'phantom' section (shape, spacing, ...)")
 
