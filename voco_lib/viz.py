@@ -225,7 +225,8 @@ def label_heatmap(labels: Any, grid: Sequence[int], region_mm: Sequence[float] |
 
 
 def plot_prediction(pred: Any, labels: Any, grid: Sequence[int], region_mm: Sequence[float] | None = None,
-                    title: str | None = None, fig: Figure | None = None) -> Figure:
+                    title: str | None = None, fig: Figure | None = None,
+                    pred_name: str = "predicted similarity") -> Figure:
     """Predicted similarities vs true overlap labels of one random crop on the grid, and |error|."""
     p, t = _layers(pred, grid), _layers(labels, grid)
     if p.shape[2] != 1:
@@ -233,7 +234,7 @@ def plot_prediction(pred: Any, labels: Any, grid: Sequence[int], region_mm: Sequ
     fig = fig or Figure(figsize=(13, 4.2), layout="constrained")
     axes = fig.subplots(1, 3)
     err = np.abs(p - t)
-    for ax, vals, name, cmap in ((axes[0], p, "predicted similarity", "viridis"),
+    for ax, vals, name, cmap in ((axes[0], p, pred_name, "viridis"),
                                  (axes[1], t, "true overlap label", "viridis"),
                                  (axes[2], err, f"|error| (mean {err.mean():.3f})", "magma")):
         im = _grid_panel(ax, vals.reshape(-1), grid, region_mm, name, cmap=cmap)
