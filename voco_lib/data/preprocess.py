@@ -43,7 +43,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from voco_lib.data.volumes import Volume, VolumeError, check_volume, load_pair, load_volume
+from voco_lib.data.volumes import Volume, VolumeError, check_volume, load_channels, load_pair, load_volume
 
 Triple = tuple[int, int, int]
 # nibabel's axis-code convention: "R" means the first axis increases towards the patient's right (RAS+).
@@ -95,16 +95,23 @@ def get_chain(name_or_chain: str | Chain) -> Chain:
 
 
 class LoadVolumed(MapTransform):
-    """Load `image` (and `label` when listed) with the checks of `voco_lib.data.volumes`, as MetaTensors."""
+    """Load `image` (and `label` when listed) with the checks of `voco_lib.data.volumes`, as MetaTensors.
 
-    def __init__(self, keys: Sequence[str], modality: str = "CT"):
+    With `channels=True` (fine-tuning) `image` may also be a 4-D NIfTI (channels last) or a list of files, one
+    per channel (`load_channels`): the result is (C, X, Y, Z), and the MRI z-score below normalises each channel
+    on its own non-zero voxels. Pre-training keeps `channels=False`: one 3-D volume per file, else a clear error.
+    """
+
+    def __init__(self, keys: Sequence[str], modality: str = "CT", channels: bool = False):
         super().__init__(keys)
-        self.modality = modality
+        self.modality, self.channels = modality, channels
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
         if "label" in self.keys:
-            vols = dict(zip(("image", "label"), load_pair(d["image"], d["label"], self.modality)))
+            vols = dict(zip(("image", "label"), load_pair(d["image"], d["label"], self.modality, self.channels)))
+        elif self.channels:
+            vols = {"image": load_channels(d["image"], self.modality)}
         else:
             vols = {"image": load_volume(d["image"], self.modality)}
         for key, v in vols.items():
@@ -123,19 +130,23 @@ class _Foreground:
 
 
 def _meta_tensor(v: Volume) -> MetaTensor:
-    arr = torch.from_numpy(np.ascontiguousarray(v.array, np.float32))[None]
+    """(1, X, Y, Z) for a 3-D volume; a (C, X, Y, Z) channel volume keeps its channels."""
+    arr = torch.from_numpy(np.ascontiguousarray(v.array, np.float32))
+    arr = arr if arr.ndim == 4 else arr[None]
     return MetaTensor(arr, affine=torch.as_tensor(v.affine, dtype=torch.float64), meta={"filename_or_obj": v.path})
 
 
-def build_chain(chain: str | Chain, keys: Sequence[str] = ("image",), load: bool = True) -> Compose:
+def build_chain(chain: str | Chain, keys: Sequence[str] = ("image",), load: bool = True,
+                channels: bool = False) -> Compose:
     """The deterministic MONAI chain. `keys=("image",)` for pretraining; add "label" for fine-tuning.
 
-    `load=False` leaves out the file loader, for volumes already in memory (see `preprocess_array`).
+    `load=False` leaves out the file loader, for volumes already in memory (see `preprocess_array`);
+    `channels=True` lets an image have several channels (`LoadVolumed`).
     """
     c = get_chain(chain)
     keys = tuple(keys)
     modes = tuple("nearest" if k == "label" else "bilinear" for k in keys)
-    t: list[Any] = [LoadVolumed(keys, c.modality)] if load else []
+    t: list[Any] = [LoadVolumed(keys, c.modality, channels)] if load else []
     t.append(Orientationd(keys, axcodes="RAS", labels=_RAS_LABELS))
     if c.spacing is not None:
         t.append(Spacingd(keys, pixdim=c.spacing, mode=modes, dtype=np.float32))
@@ -150,12 +161,17 @@ def build_chain(chain: str | Chain, keys: Sequence[str] = ("image",), load: bool
     return Compose(t)
 
 
-def preprocess(path_or_entry: str | Path | dict[str, str], chain: str | Chain = "abdomen") -> dict[str, MetaTensor]:
-    """Run the deterministic chain on one file (or datalist entry): {"image": (1, X, Y, Z) MetaTensor[, "label"]}."""
+def preprocess(path_or_entry: str | Path | dict[str, Any], chain: str | Chain = "abdomen",
+               channels: bool = False) -> dict[str, MetaTensor]:
+    """Run the deterministic chain on one file (or datalist entry): {"image": (C, X, Y, Z) MetaTensor[, "label"]}.
+
+    C = 1 unless `channels=True` (fine-tuning), where an entry's `image` may list one file per channel
+    (C = len(list)) or be a 4-D NIfTI with its channels on the last axis.
+    """
     entry = {"image": str(path_or_entry)} if not isinstance(path_or_entry, dict) else dict(path_or_entry)
     keys = [k for k in ("image", "label") if k in entry]
     try:
-        return build_chain(chain, keys)(entry)
+        return build_chain(chain, keys, channels=channels)(entry)
     except RuntimeError as e:  # MONAI's Compose wraps errors; surface our own file-naming one
         cause = e.__cause__
         while cause is not None and not isinstance(cause, VolumeError):

@@ -14,6 +14,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -36,7 +37,8 @@ class HURangeWarning(UserWarning):
 
 @dataclass
 class Volume:
-    """A loaded 3-D volume: float32 array in the file's voxel order, and its voxel -> RAS+ affine (mm)."""
+    """A loaded volume: float32 array in the file's voxel order ((X, Y, Z); (C, X, Y, Z) from `load_channels`),
+    and its voxel -> RAS+ affine (mm)."""
 
     array: np.ndarray
     affine: np.ndarray
@@ -161,16 +163,66 @@ def check_hu_range(data: np.ndarray, path: str | Path) -> bool:
     return True
 
 
-def load_pair(image_path: str | Path, label_path: str | Path, modality: str = "CT") -> tuple[Volume, Volume]:
-    """Image and label map, checked to share one voxel grid (shape and affine)."""
-    image = load_volume(image_path, modality)
+ImageSource = str | Path | Sequence[str | Path]  # one file (3-D, or 4-D NIfTI with channels last) or one file per channel
+
+
+def _same_grid(a: Volume, b: Volume) -> bool:
+    return a.array.shape[-3:] == b.array.shape[-3:] and np.allclose(a.affine, b.affine, atol=1e-3 * max(a.spacing))
+
+
+def load_channels(source: ImageSource, modality: str = "CT") -> Volume:
+    """An image of C channels as a Volume whose array is (C, X, Y, Z), every channel checked like `load_volume`.
+
+    `source` is one 3-D file (C = 1), a 4-D NIfTI with the channels on its last axis (as the Medical
+    Segmentation Decathlon ships BraTS and prostate), or a list of 3-D files, one per channel, on one grid
+    (as BraTS 2021 ships t1, t1ce, t2, flair). Channel order is the list order (or the file's).
+    """
+    if not isinstance(source, (str, Path)):
+        paths = [Path(p) for p in source]
+        if not paths:
+            raise VolumeError("<datalist entry>", "lists an empty 'image' list", "list one file per channel")
+        vols = [load_volume(p, modality) for p in paths]
+        for p, v in zip(paths[1:], vols[1:]):
+            if v.array.shape != vols[0].array.shape:
+                raise VolumeError(p, f"has shape {v.array.shape} but {paths[0]} (channel 0 of the same image) has "
+                                  f"{vols[0].array.shape}", "list channels made on one voxel grid, or resample "
+                                  "them onto the first channel's grid (e.g. with SimpleITK or nibabel.processing)")
+            if not _same_grid(vols[0], v):
+                raise VolumeError(p, f"is on a different grid (affine) than {paths[0]} (channel 0 of the same image)",
+                                  "register/resample the channels onto one grid before listing them together")
+        return Volume(np.stack([v.array for v in vols]), vols[0].affine, str(paths[0]))
+    path = Path(source)
+    if not path.is_file():
+        raise VolumeError(path, "does not exist", "check the path (and the data root / VOCO_DATA_DIR it is relative to)")
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        v = load_volume(path, modality)
+        return Volume(v.array[None], v.affine, v.path)
+    data, affine = _read_nifti(path)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 4:
+        v = check_volume(data, affine, path, modality)
+        return Volume(v.array[None], v.affine, v.path)
+    chans = [check_volume(data[..., c], affine, f"{path} (channel {c})", modality) for c in range(data.shape[-1])]
+    return Volume(np.stack([c.array for c in chans]), chans[0].affine, str(path))
+
+
+def load_pair(image_path: ImageSource, label_path: str | Path, modality: str = "CT",
+              channels: bool = True) -> tuple[Volume, Volume]:
+    """Image ((C, X, Y, Z); `channels=False`: one 3-D file only, C = 1) and label map, checked to share one voxel
+    grid (shape and affine)."""
+    if channels:
+        image = load_channels(image_path, modality)
+    else:
+        v = load_volume(image_path, modality)  # type: ignore[arg-type]
+        image = Volume(v.array[None], v.affine, v.path)
     label = load_volume(label_path, kind="label")
-    if image.array.shape != label.array.shape:
-        raise VolumeError(label_path, f"has shape {label.array.shape} but its image {image_path} has "
-                          f"{image.array.shape}", "pair each image with the label map made on the same grid "
+    if image.array.shape[1:] != label.array.shape:
+        raise VolumeError(label_path, f"has shape {label.array.shape} but its image {image.path} has "
+                          f"{image.array.shape[1:]}", "pair each image with the label map made on the same grid "
                           "(or resample the label with nearest-neighbour onto the image grid)")
-    if not np.allclose(image.affine, label.affine, atol=1e-3 * max(image.spacing)):
-        raise VolumeError(label_path, f"is on a different grid (affine) than its image {image_path}",
+    if not _same_grid(image, label):
+        raise VolumeError(label_path, f"is on a different grid (affine) than its image {image.path}",
                           "resample the label with nearest-neighbour onto the image grid")
     return image, label
 

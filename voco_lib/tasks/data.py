@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from voco_lib.data.preprocess import Chain, get_chain, preprocess, preprocess_array
+from voco_lib.data.volumes import VolumeError
 from voco_lib.tasks.registry import Task
 
 Sample = dict[str, Any]  # {"image": (C, X, Y, Z) float, "label": (1, X, Y, Z) long | None, "name": str, ...}
@@ -114,12 +115,50 @@ def datalist_samples(task: Task, datalist: str | Path, split: str, roi: Sequence
     out = []
     for e in entries:
         path_entry = {k: e[k] for k in keys if k in e}
-        d = preprocess(path_entry, chain)
-        s: Sample = {**{k: v for k, v in e.items() if k not in keys}, "name": Path(str(e["image"])).name,
-                     "image": d["image"].as_tensor().float(),
-                     "label": d["label"].as_tensor().round().long() if "label" in d else None}
+        d = preprocess(path_entry, chain, channels=True)
+        image = d["image"].as_tensor().float()
+        check_channels(task, image.shape[0], e["image"], datalist)
+        label = None
+        if "label" in d:
+            label = remap_labels(task, d["label"].as_tensor().round().long(), e["label"])
+        s: Sample = {**{k: v for k, v in e.items() if k not in keys}, "name": entry_name(e["image"]),
+                     "image": image, "label": label}
         out.append(resize_to(s, roi) if resize else s)
     return out
+
+
+def entry_name(image: str | Sequence[str]) -> str:
+    """A sample's name: its image file name (the first channel's, for one file per channel)."""
+    return Path(str(image if isinstance(image, (str, Path)) else image[0])).name
+
+
+def check_channels(task: Task, n: int, image: str | Sequence[str], datalist: str | Path) -> None:
+    """The image's channel count must be the task's `in_channels` (the model's first layer is built for it;
+    a registration network takes moving and fixed together, so each of its volumes has half of them)."""
+    expected = task.in_channels // 2 if task.type == "registration" else task.in_channels
+    if n != expected:
+        files = image if isinstance(image, (str, Path)) else ", ".join(map(str, image))
+        raise VolumeError(files, f"gives {n} input channel(s) but task {task.name} expects {expected} "
+                          f"(in_channels in data_manifests/tasks/{task.name}.yaml)",
+                          f"list {expected} files (one per channel, same grid) in this entry's 'image' of "
+                          f"{datalist}, or a 4-D NIfTI with {expected} channels on its last axis; for a "
+                          "task of your own, set in_channels in its YAML")
+
+
+def remap_labels(task: Task, label: torch.Tensor, path: str | Path) -> torch.Tensor:
+    """Raw label values -> class indices by the task's `label_remap` (e.g. BraTS 4 -> 3), checked to be < K."""
+    remap = {int(k): int(v) for k, v in (task.raw.get("label_remap") or {}).items()}
+    if remap:
+        lut = torch.arange(max(int(label.max()), *remap) + 1)
+        lut[list(remap)] = torch.tensor(list(remap.values()))
+        label = lut[label]
+    k = task.num_classes
+    if k is not None and task.type == "segmentation" and int(label.max()) >= k:
+        bad = sorted(int(v) for v in torch.unique(label) if v >= k)
+        raise VolumeError(path, f"holds label value(s) {bad} but task {task.name} has {k} classes (0..{k - 1})",
+                          f"map them with 'label_remap' in data_manifests/tasks/{task.name}.yaml (raw value -> class "
+                          "index), or check that this is the task's label map")
+    return label
 
 
 def stack(samples: Sequence[Sample], key: str = "image") -> torch.Tensor:
