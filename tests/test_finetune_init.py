@@ -27,7 +27,7 @@ def _runner(task_name):
     return runner_class(task.type)(Context(task, cfg, 0, None, None, torch.device("cpu"), 12))
 
 
-@pytest.mark.parametrize("task_name", ["phantom-seg", "phantom-cls", "phantom-reg", "phantom-vl"])
+@pytest.mark.parametrize("task_name", ["phantom-seg", "phantom-cls", "phantom-reg", "phantom-vl", "phantom-rg"])
 def test_released_layout_loads_into_every_task_model(released_layout, task_name):
     path, state = released_layout
     r = _runner(task_name)

@@ -7,7 +7,7 @@ import yaml
 
 from voco_lib.tasks.registry import TYPES, list_tasks, load_task, task_from_dict
 
-# Every row of voco-method-spec.md §7.1 (rows holding several tasks expanded), plus the 4 phantom analogs.
+# Every row of voco-method-spec.md §7.1 (rows holding several tasks expanded), plus the 5 phantom analogs.
 SPEC_ROWS = {
     "btcv", "amos", "word", "flare22", "flare23", "abdomen1k", "abdomenatlas", "totalsegmentator", "mmwhs", "asoca",
     "aorta", "chaos", "sliver07", "ircadb", "kits", "kipa", "tcia-panc", "panorama", "segthor", "bhsd", "structseg19",
@@ -16,7 +16,7 @@ SPEC_ROWS = {
     "msd01-braintumour", "brats21", "msd02-heart", "msd04-hippocampus", "msd05-prostate", "cc-ccii", "luna16",
     "oasis", "ixi", "ctrg-chest", "ct-rate", "verse20", "autopet",
 }
-PHANTOM = {"phantom-seg", "phantom-cls", "phantom-reg", "phantom-vl"}
+PHANTOM = {"phantom-seg", "phantom-cls", "phantom-reg", "phantom-vl", "phantom-rg"}
 
 
 def test_registry_covers_the_spec_table_and_the_phantom_analogs():
@@ -77,7 +77,7 @@ def test_cli_lists_every_task(capsys):
 
     assert main(["tasks", "list"]) == 0
     out = capsys.readouterr().out
-    assert "54 tasks (50 real, 4 phantom analogs)" in out
+    assert "55 tasks (50 real, 5 phantom analogs)" in out
     assert all(f"\n{n} " in out for n in ("btcv", "phantom-seg", "oasis", "ct-rate"))
 
 

@@ -1,4 +1,5 @@
-"""Downstream metrics: Dice and HD95 (MONAI), retrieval recall@k, folding of a displacement field, accuracy/AUC.
+"""Downstream metrics: Dice and HD95 (MONAI), retrieval recall@k, folding of a displacement field, accuracy/AUC,
+multi-label (vocabulary) AUC/accuracy/F1, and the report-generation scores BLEU-1..4 and ROUGE-L.
 
 Conventions: label maps are integer tensors of shape (X, Y, Z) or (N, 1, X, Y, Z); per-class results are
 over foreground classes 1..K-1 (upstream validates with `DiceMetric(include_background=False)`, spec
@@ -7,8 +8,10 @@ over foreground classes 1..K-1 (upstream validates with `DiceMetric(include_back
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Sequence
+from collections import Counter
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -113,5 +116,109 @@ def auc(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) ->
         return float("nan")
     p = torch.softmax(z, 1)
     if z.shape[1] == 2:
-        return float(compute_roc_auc(p[:, 1], y))
+        return binary_auc(p[:, 1], y)
     return float(compute_roc_auc(p, one_hot(y[:, None], z.shape[1]), average="macro"))
+
+
+def binary_auc(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
+    """ROC AUC (MONAI) of scores against 0/1 labels; NaN when only one class is present."""
+    s, y = torch.as_tensor(np.asarray(scores)).float().flatten(), torch.as_tensor(np.asarray(labels)).long().flatten()
+    if y.unique().numel() < 2:
+        return float("nan")
+    return float(compute_roc_auc(s, y))
+
+
+def multilabel_metrics(probs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, names: Sequence[str],
+                       threshold: float = 0.5) -> dict[str, object]:
+    """Per-finding AUC and F1 of (N, F) probabilities against (N, F) 0/1 labels, their means, accuracy at `threshold`.
+
+    The CT-RATE vocabulary evaluation (per-pathology AUC, spec §7.1 CT_CLIP). AUC is NaN for a finding whose
+    labels are all equal, F1 NaN for one with no positive label and no positive prediction; means skip NaNs
+    (NaN if all are). `accuracy` and `f1_micro` pool all (volume, finding) decisions.
+    """
+    p, y = np.asarray(probs, np.float64), np.asarray(labels).astype(np.int64)
+    if p.shape != y.shape or p.ndim != 2 or p.shape[1] != len(names):
+        raise ValueError(f"expected probabilities and labels of shape (N, {len(names)}), got {p.shape} and {y.shape}")
+    pred = p >= threshold
+    aucs, f1s = {}, {}
+    for j, n in enumerate(names):
+        aucs[n] = binary_auc(p[:, j], y[:, j])
+        f1s[n] = _f1(pred[:, j], y[:, j] == 1)
+    return {"auc_per_finding": aucs, "auc_mean": _nanmean(list(aucs.values())),
+            "f1_per_finding": f1s, "f1_macro": _nanmean(list(f1s.values())), "f1_micro": _f1(pred, y == 1),
+            "accuracy": float((pred == (y == 1)).mean()) if y.size else float("nan")}
+
+
+def _f1(pred: np.ndarray, true: np.ndarray) -> float:
+    tp, fp, fn = int((pred & true).sum()), int((pred & ~true).sum()), int((~pred & true).sum())
+    return 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else float("nan")
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(sum(v) / len(v)) if v else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ text generation
+def _ngrams(tokens: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str], max_n: int = 4,
+         tokenize: Callable[[str], list[str]] | None = None) -> dict[str, float]:
+    """Corpus BLEU-1..max_n (Papineni et al. 2002), one reference per hypothesis, no smoothing.
+
+    p_n = Σ clipped n-gram matches / Σ hypothesis n-grams over the corpus; BLEU-N = BP · exp(mean_{n≤N} log p_n),
+    0 if any p_n is 0; brevity penalty BP = exp(1 − r/c) when the total hypothesis length c is below the total
+    reference length r, else 1. Tokens: `tokenize` (default: lower-cased whitespace split).
+    """
+    tok = tokenize or (lambda t: t.lower().split())
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    match, total = [0] * max_n, [0] * max_n
+    c = r = 0
+    for h, ref in zip(hypotheses, references):
+        ht, rt = tok(h), tok(ref)
+        c, r = c + len(ht), r + len(rt)
+        for n in range(1, max_n + 1):
+            hn, rn = _ngrams(ht, n), _ngrams(rt, n)
+            match[n - 1] += sum(min(k, rn[g]) for g, k in hn.items())
+            total[n - 1] += max(len(ht) - n + 1, 0)
+    bp = 1.0 if c > r else (math.exp(1 - r / c) if c else 0.0)
+    out, logs = {}, []
+    for n in range(1, max_n + 1):
+        logs.append(math.log(match[n - 1] / total[n - 1]) if match[n - 1] else -math.inf)
+        out[f"bleu_{n}"] = bp * math.exp(sum(logs) / n) if all(math.isfinite(x) for x in logs) else 0.0
+    return out
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (dynamic programming, O(len(a)·len(b)))."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(hypotheses: Sequence[str], references: Sequence[str], beta: float = 1.2,
+            tokenize: Callable[[str], list[str]] | None = None) -> float:
+    """ROUGE-L (Lin 2004): per pair F_β = (1+β²)·P·R / (R + β²·P) with P = LCS/|hyp|, R = LCS/|ref|, averaged.
+
+    β = 1.2 as in the COCO caption evaluation that report-generation papers (R2Gen, M2KT) use.
+    """
+    tok = tokenize or (lambda t: t.lower().split())
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    scores = []
+    for h, ref in zip(hypotheses, references):
+        ht, rt = tok(h), tok(ref)
+        lcs = lcs_length(ht, rt)
+        if lcs == 0:
+            scores.append(0.0)
+            continue
+        p, r = lcs / len(ht), lcs / len(rt)
+        scores.append((1 + beta**2) * p * r / (r + beta**2 * p))
+    return float(np.mean(scores)) if scores else float("nan")
