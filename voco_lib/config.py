@@ -140,7 +140,8 @@ class FinetuneConfig:
     """
 
     steps: int | None = None  # None: task epochs x training volumes (one volume per iteration, as upstream)
-    batch_size: int = 4  # crops (segmentation) or volumes/pairs per step
+    batch_size: int = 4  # crops (segmentation) or volumes/pairs per micro-batch and process
+    accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * accum * torchrun processes)
     lr: float | None = None  # None: the task's
     weight_decay: float = 1e-5
     warmup_steps: int | None = None  # None: the task's warmup epochs x training volumes (0 if not known)

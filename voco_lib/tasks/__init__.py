@@ -72,7 +72,10 @@ def cli_finetune(args: argparse.Namespace) -> int:
     datalist, overrides = _split_overrides(args.overrides)
     res = finetune(args.task, init=args.init, profile=args.profile, n_labeled=args.n_labeled, seed=args.seed,
                    out=args.out, overrides=overrides, resume=args.resume, datalist=datalist)
-    print(json.dumps({k: res[k] for k in ("task", "init", "seed", "n_labeled", "metric", "value", "run_dir")}))
+    from voco_lib.distributed import is_main_process
+
+    if is_main_process():  # under torchrun: once
+        print(json.dumps({k: res[k] for k in ("task", "init", "seed", "n_labeled", "metric", "value", "run_dir")}))
     return 0
 
 

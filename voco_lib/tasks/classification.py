@@ -54,6 +54,8 @@ def _phantom_split(ctx: Context, split: str, n: int) -> list[Sample]:
 
 
 class ClassificationRunner(Runner):
+    shards_batches = True
+
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         task, fc = ctx.task, ctx.fc
@@ -85,8 +87,9 @@ class ClassificationRunner(Runner):
 
     def loss(self, step: int) -> torch.Tensor:
         g = self.ctx.generator(2, step)
-        idx = torch.randint(self.n_train, (self.ctx.fc.batch_size,), generator=g)
-        x = torch.stack([random_flips([self.train[i]["image"]], g)[0] for i in idx.tolist()])
+        idx = torch.randint(self.n_train, (self.ctx.global_batch,), generator=g)  # the step's global batch
+        flips = [random_flips([self.train[i]["image"]], g)[0] for i in idx.tolist()]
+        x, idx = torch.stack(self.ctx.share(flips)), self.ctx.share(idx)
         return self.ce(self.model(x.to(self.ctx.device)), self.y_train[idx].to(self.ctx.device))
 
     def logits(self, samples: list[Sample]) -> torch.Tensor:

@@ -7,7 +7,10 @@ A task type supplies a `Runner` (data + model + loss + evaluation); everything e
 - AdamW + linear-warmup cosine stepped per iteration (spec §7.2); every step seeded;
 - run directory: `config.yaml`, `metrics.jsonl` (train loss and validation curves), `checkpoints/`
   (temp file + rename, newest `keep_last` kept), `results.json` (final metrics + provenance: task, init,
-  checkpoint sha256, seed, profile, n_labeled); `--resume` continues from the newest checkpoint exactly.
+  checkpoint sha256, seed, profile, n_labeled); `--resume` continues from the newest checkpoint exactly;
+- torchrun (DDP, `voco_lib.distributed`): every rank draws the step's global batch from the same generator and
+  trains on its share (`Context.share`), gradients are all-reduced, rank 0 validates and writes. Two ranks
+  compute what one process with `finetune.accum=2` computes (tests/test_finetune_ddp.py).
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ class Context:
     datalist: str | None
     device: torch.device
     feature_size: int
+    world: int = 1  # torchrun processes
+    rank: int = 0
+    accum: int = 1  # micro-batches per optimizer step (finetune.accum)
+    micro: int = 0  # the micro-batch being computed (set by the engine)
 
     @property
     def fc(self) -> FinetuneConfig:
@@ -80,6 +87,20 @@ class Context:
     def lr(self) -> float:
         return float(self.fc.lr or self.task.recipe.get("lr") or 3e-4)
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: `finetune.batch_size` per micro-batch × accum × processes."""
+        return self.fc.batch_size * self.accum * self.world
+
+    def share(self, items: Sequence[Any]) -> Sequence[Any]:
+        """This micro-batch's part of a step's global batch (drawn whole, identically, on every rank).
+
+        Part v = micro·world + rank, as the pre-training's data order: the samples of a step do not depend on
+        how they are split, so 2 ranks × accum 1 == 1 process × accum 2, and 1 × 1 draws what it always drew.
+        """
+        v, b = self.micro * self.world + self.rank, self.fc.batch_size
+        return items[v * b:(v + 1) * b]
+
     def generator(self, *key: int) -> torch.Generator:
         """A torch Generator seeded from (run seed, *key): every random draw of the run is reproducible."""
         s = np.random.SeedSequence([self.seed, *key]).generate_state(2, np.uint32)
@@ -87,10 +108,16 @@ class Context:
 
 
 class Runner:
-    """Base of the four task types. Subclasses set `model`, `n_train` and implement `loss` and `evaluate`."""
+    """Base of the four task types. Subclasses set `model`, `n_train` and implement `loss` and `evaluate`.
+
+    `loss(step)` draws `ctx.global_batch` samples and computes the mean loss over `ctx.share(...)` of them,
+    calling `self.model(...)` (the engine routes that call through the DDP wrapper). A runner that does so
+    sets `shards_batches = True`; the others run in one process without accumulation only.
+    """
 
     model: nn.Module
     n_train: int
+    shards_batches: bool = False
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -239,11 +266,36 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return wc(step, warmup, total)
 
 
+FT_TIMEOUT_MIN = 60.0  # torchrun: how long the other ranks may wait for rank 0's validation
+
+
+def _has_unused_parameters(ctx: Context) -> bool:
+    """At a 32³ roi the "bypass" backbone skips encoder10 (its deepest map is one voxel): DDP must be told."""
+    return ctx.small_crop == "bypass" and all(r <= 32 for r in ctx.roi)
+
+
+@contextlib.contextmanager
+def _forward_through(runner: Runner, wrapper: nn.Module):
+    """Runners call `self.model(...)` in `loss`; under DDP that call must go through the wrapper (its backward
+    all-reduces the gradients). Evaluation and checkpoints keep using the bare model."""
+    bare = runner.model
+    runner.model = wrapper
+    try:
+        yield
+    finally:
+        runner.model = bare
+
+
 def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "scratch", profile: str | None = "cpu",
         n_labeled: int | None = None, seed: int = 0, out: str | Path | None = None,
         overrides: Sequence[str] | dict[str, str] | None = None, resume: bool = False, datalist: str | None = None,
         show_progress: bool = True) -> dict[str, Any]:
-    """Fine-tune `task` with `runner_cls`; returns the results dict that is also written to `results.json`."""
+    """Fine-tune `task` with `runner_cls`; returns the results dict that is also written to `results.json`.
+
+    One process, or one rank of `torchrun --nproc_per_node=N` (every rank returns rank 0's results).
+    """
+    from voco_lib.distributed import (barrier, broadcast_object, check_ranks_in_sync, gather_objects, init_runtime,
+                                      main_first, mean_over_ranks, shutdown, wrap_ddp)
     from voco_lib.pretrain import (checkpoint_paths, rng_state, save_checkpoint, seed_everything, set_rng_state,
                                    tune_allocator)
 
@@ -255,7 +307,11 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
         raise ValueError(f"task {task.name} needs its data: pass a datalist (MSD-style JSON, see "
                          f"data_manifests/datasets/{task.dataset}.yaml for where to get the data), "
                          "or run a phantom task (phantom-seg, phantom-cls, phantom-reg, phantom-vl)")
-    init_path = resolve_init(init)
+    if fc.accum < 1:
+        raise ValueError(f"finetune.accum must be >= 1, got {fc.accum}")
+    rt = init_runtime(timeout_min=FT_TIMEOUT_MIN)
+    with main_first(rt):  # a released checkpoint is fetched once, by rank 0
+        init_path = resolve_init(init)
     feature_size = checkpoint_feature_size(init_path) if init_path is not None else cfg.feature_size
     init_label = "scratch" if init_path is None else str(init)
     out = Path(out or Path("runs") / "finetune" / task.name /
@@ -266,9 +322,13 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
         raise FileExistsError(f"{out} holds a finished run (results.json); pass a new --out, or --resume to reuse it")
     if cfg.train.tune_allocator and not torch.cuda.is_available():
         tune_allocator()
-    seed_everything(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = Context(task, cfg, seed, n_labeled, datalist, device, feature_size)
+    seed_everything(seed)  # the same on every rank: identical initial weights
+    device = rt.device
+    ctx = Context(task, cfg, seed, n_labeled, datalist, device, feature_size, world=rt.world, rank=rt.rank,
+                  accum=fc.accum)
+    if (rt.world > 1 or fc.accum > 1) and not runner_cls.shards_batches:
+        raise ValueError(f"task type {task.type} does not split its batches across processes or micro-batches yet: "
+                         "run it as one process (no torchrun) with finetune.accum=1")
     runner = runner_cls(ctx)
     model = runner.model.to(device)
 
@@ -295,70 +355,105 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
         "seed": seed, "profile": cfg.name, "n_labeled": n_labeled, "n_train": runner.n_train, "steps": steps,
         "lr": ctx.lr, "roi": list(ctx.roi), "overrides": _override_list(overrides), "torch": str(torch.__version__),
     }
+    if rt.distributed or fc.accum > 1:  # single-process provenance stays as it was
+        provenance.update(world_size=rt.world, accum=fc.accum, global_batch=ctx.global_batch)
     start = 0
     if resume and ckpts:
         state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+        saved = int(state.get("world", 1)) * int(state.get("accum", 1))
+        if saved != rt.world * fc.accum:
+            raise ValueError(f"{ckpts[-1]}: saved with processes × finetune.accum = {saved}, now {rt.world * fc.accum}; "
+                             "resume with the same product (it fixes the global batch of every step)")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank
+        set_rng_state(rngs[rt.rank if len(rngs) == rt.world else 0])
         start = int(state["step"])
-        _truncate_jsonl(out / "metrics.jsonl", start)
-    else:
+        if rt.main:
+            _truncate_jsonl(out / "metrics.jsonl", start)
+    elif rt.main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         doc = json.loads(json.dumps({"provenance": provenance, "task": task.raw, "profile": to_dict(cfg)}))
         _atomic_text(out / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+    ddp = wrap_ddp(model, rt, find_unused_parameters=_has_unused_parameters(ctx))
+    if rt.main:
+        print(f"voco finetune {task.name}: {rt.world} process(es) on {device.type}, global batch {ctx.global_batch} "
+              f"({fc.batch_size} × accum {fc.accum} × {rt.world}), lr {ctx.lr:g} (warmup {warmup}, cosine to step "
+              f"{steps}), amp {amp}, {'resuming at step ' + str(start) if start else 'from step 0'} -> {out}", flush=True)
+
+    def log(record: dict[str, Any]) -> None:
+        if rt.main:
+            _append_jsonl(out / "metrics.jsonl", record)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(out, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                              "scaler": scaler.state_dict(), "rng": rng_state(), "step": step}, step, fc.keep_last)
+        if rt.distributed:
+            check_ranks_in_sync(model)
+        rngs = gather_objects(rng_state(), rt)
+        if rt.main:
+            save_checkpoint(out, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                                  "step": step, "world": rt.world, "accum": fc.accum}, step, fc.keep_last)
+        barrier(rt)
 
-    def validate(step: int) -> dict[str, Any]:
-        model.eval()
-        with torch.no_grad(), autocast():
-            m = _scalars(runner.evaluate(final=False))
-        model.train()
-        _append_jsonl(out / "metrics.jsonl", {"step": step, "kind": "val", **m})
-        return m
+    def validate(step: int) -> None:
+        """Rank 0 validates on the bare model (no collectives); the other ranks wait."""
+        if rt.main:
+            model.eval()
+            with torch.no_grad(), autocast():
+                m = _scalars(runner.evaluate(final=False))
+            model.train()
+            log({"step": step, "kind": "val", **m})
+        barrier(rt)
 
     t0 = time.time()
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, steps), desc=f"finetune {task.name} ({init_label})", disable=not show_progress,
-               initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc=f"finetune {task.name} ({init_label})",
+               disable=not (show_progress and rt.main), initial=start, total=steps)
     model.train()
     if start == 0:
         validate(0)
     for step in bar:
-        with autocast():
-            loss = runner.loss(step)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss_sum = 0.0
+        for a in range(fc.accum):
+            ctx.micro = a
+            sync = ddp.no_sync() if rt.distributed and a < fc.accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast(), _forward_through(runner, ddp):
+                    loss = runner.loss(step)
+                scaler.scale(loss / fc.accum).backward()
+            loss_sum += float(loss.detach())
+        ctx.micro = 0
         scaler.step(opt)
         scaler.update()
         sched.step()
         done = step + 1
         if done % fc.log_every == 0 or done == steps:
-            _append_jsonl(out / "metrics.jsonl", {"step": done, "kind": "train", "loss": float(loss.detach()),
-                                                  "lr": sched.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            train_loss = mean_over_ranks([loss_sum / fc.accum], rt)[0]
+            log({"step": done, "kind": "train", "loss": train_loss, "lr": sched.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{train_loss:.4f}")
         if done % eval_every == 0 and done != steps:
             validate(done)
         if done % fc.checkpoint_every == 0 or done == steps:
             checkpoint(done)
 
-    model.eval()
-    with torch.no_grad(), autocast():
-        final = _scalars(runner.evaluate(final=True))
-    _append_jsonl(out / "metrics.jsonl", {"step": steps, "kind": "val", **{k: v for k, v in final.items()
-                                                                           if not isinstance(v, (list, dict))}})
-    vals = read_metrics(out, "val")
-    key = task.metric
-    best = max((v for v in vals if v.get(key) is not None), key=lambda v: v[key], default=None)
-    results = {"metrics": final, "metric": key, "value": final.get(key),
-               "best": None if best is None else {"step": best["step"], key: best[key]},
-               "curve": [{"step": v["step"], key: v.get(key)} for v in vals],
-               "coverage": coverage, "wall_s": round(time.time() - t0, 1), **provenance, "run_dir": str(out)}
-    _atomic_text(out / "results.json", json.dumps(results, indent=1))
+    results = None
+    if rt.main:
+        model.eval()
+        with torch.no_grad(), autocast():
+            final = _scalars(runner.evaluate(final=True))
+        log({"step": steps, "kind": "val", **{k: v for k, v in final.items() if not isinstance(v, (list, dict))}})
+        vals = read_metrics(out, "val")
+        key = task.metric
+        best = max((v for v in vals if v.get(key) is not None), key=lambda v: v[key], default=None)
+        results = {"metrics": final, "metric": key, "value": final.get(key),
+                   "best": None if best is None else {"step": best["step"], key: best[key]},
+                   "curve": [{"step": v["step"], key: v.get(key)} for v in vals],
+                   "coverage": coverage, "wall_s": round(time.time() - t0, 1), **provenance, "run_dir": str(out)}
+        _atomic_text(out / "results.json", json.dumps(results, indent=1))
+    results = broadcast_object(results, rt)
+    shutdown(rt)
     return results

@@ -38,6 +38,8 @@ def _pairs(samples: list[Sample]) -> list[Pair]:
 
 
 class RegistrationRunner(Runner):
+    shards_batches = True
+
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         task, fc = ctx.task, ctx.fc
@@ -89,7 +91,7 @@ class RegistrationRunner(Runner):
 
     def loss(self, step: int) -> torch.Tensor:
         g = self.ctx.generator(4, step)
-        idx = torch.randint(self.n_train, (self.ctx.fc.batch_size,), generator=g).tolist()
+        idx = self.ctx.share(torch.randint(self.n_train, (self.ctx.global_batch,), generator=g).tolist())
         mov = torch.stack([self.train[i][0]["image"] for i in idx]).to(self.ctx.device)
         fix = torch.stack([self.train[i][1]["image"] for i in idx]).to(self.ctx.device)
         ddf = self.flow(mov, fix)

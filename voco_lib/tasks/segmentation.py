@@ -48,6 +48,8 @@ def build_model(ctx: Context) -> torch.nn.Module:
 
 
 class SegmentationRunner(Runner):
+    shards_batches = True
+
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         self.train, self.val = labelled_split(ctx)
@@ -56,17 +58,18 @@ class SegmentationRunner(Runner):
         self.loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`batch_size` roi crops, each from a random training volume, foreground-centred 9 times in 10, flipped."""
+        """This micro-batch's share of the step's roi crops (`ctx.global_batch` of them, drawn in one sequence):
+        each from a random training volume, foreground-centred 9 times in 10, flipped."""
         g = self.ctx.generator(1, step)
-        roi, xs, ys = self.ctx.roi, [], []
-        for _ in range(self.ctx.fc.batch_size):
+        roi, crops = self.ctx.roi, []
+        for _ in range(self.ctx.global_batch):
             s = self.train[int(torch.randint(len(self.train), (), generator=g))]
             img, lab = s["image"], s["label"]
             start = random_crop_start(img.shape[1:], roi, g, foreground=lab[0] > 0)
             sl = (slice(None),) + tuple(slice(a, a + r) for a, r in zip(start, roi))
-            img, lab = random_flips([img[sl], lab[sl]], g)
-            xs.append(_pad_to(img, roi))
-            ys.append(_pad_to(lab, roi))
+            crops.append(random_flips([img[sl], lab[sl]], g))
+        mine = self.ctx.share(crops)
+        xs, ys = [_pad_to(img, roi) for img, _ in mine], [_pad_to(lab, roi) for _, lab in mine]
         return torch.stack(xs).to(self.ctx.device), torch.stack(ys).to(self.ctx.device)
 
     def loss(self, step: int) -> torch.Tensor:
