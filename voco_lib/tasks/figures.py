@@ -97,3 +97,55 @@ def retrieval_examples(similarity: torch.Tensor, reports: Sequence[str], k: int 
 
 def class_names(task: Any) -> dict[int, str]:
     return {i: n for i, n in enumerate(task.classes or [])}
+
+
+def vocabulary_table(metrics: dict[str, Any]) -> str:
+    """Per-finding AUC and F1 of a vocabulary evaluation (results' metrics), with the means; n/a = undefined."""
+    fmt = lambda v: "  n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:5.2f}"  # noqa: E731
+    names = list(metrics["vocab_auc"])
+    w = max(len(n) for n in names + ["finding"])
+    lines = [f"{'finding'.ljust(w)}    AUC     F1"]
+    lines += [f"{n.ljust(w)}  {fmt(metrics['vocab_auc'][n])}  {fmt(metrics['vocab_f1'][n])}" for n in names]
+    lines.append(f"{'mean'.ljust(w)}  {fmt(metrics['vocab_auc_mean'])}  {fmt(metrics['vocab_f1_macro'])}"
+                 f"   (accuracy at 0.5: {fmt(metrics['vocab_accuracy']).strip()})")
+    return "\n".join(lines)
+
+
+def vocabulary_figure(probs: torch.Tensor | np.ndarray, labels: Sequence[Sequence[int]], names: Sequence[str],
+                      volumes: Sequence[str] | None = None) -> Figure:
+    """Probability of each finding (columns) in each volume (rows), true findings ringed; per-finding AUC bars."""
+    import matplotlib.pyplot as plt
+
+    from voco_lib.tasks.metrics import binary_auc
+
+    p, y = np.asarray(probs, float), np.asarray(labels, int)
+    aucs = [binary_auc(p[:, j], y[:, j]) for j in range(len(names))]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.35 * len(p) + 3), gridspec_kw={"width_ratios": [3, 2]})
+    im = a.imshow(p, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    rows, cols = np.nonzero(y)
+    a.scatter(cols, rows, s=90, facecolors="none", edgecolors="white", linewidths=1.5, label="finding present")
+    a.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    a.set_yticks(range(len(p)), volumes or [str(i) for i in range(len(p))])
+    a.set_title("P(finding) from the prompt pair")
+    fig.colorbar(im, ax=a, fraction=0.04)
+    b.barh(range(len(names)), [0 if np.isnan(v) else v for v in aucs], color="tab:blue")
+    for j, v in enumerate(aucs):
+        b.text(0.02 if np.isnan(v) else v + 0.02, j, "n/a (one class)" if np.isnan(v) else f"{v:.2f}", va="center")
+    b.axvline(0.5, color="grey", ls="--", lw=1)
+    b.set_yticks(range(len(names)), names)
+    b.invert_yaxis()
+    b.set(xlim=(0, 1.2), xlabel="AUC", title="per-finding AUC (0.5 = chance)")
+    fig.tight_layout()
+    return fig
+
+
+def report_examples(examples: Sequence[dict[str, str]], n: int = 4) -> str:
+    """Generated reports against their references, with each pair's ROUGE-L."""
+    from voco_lib.tasks.metrics import rouge_l
+    from voco_lib.tasks.report_generation import split_words
+
+    lines = []
+    for e in examples[:n]:
+        r = rouge_l([e["generated"]], [e["reference"]], tokenize=split_words)
+        lines += [f"{e['name']}  (ROUGE-L {r:.2f})", f"   generated: {e['generated']}", f"   reference: {e['reference']}"]
+    return "\n".join(lines)
