@@ -78,16 +78,10 @@ def worker(side: str, feature_size: int, size: int, batch: int, iters: int, devi
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
+    s_per_iter = median_time(step, iters, sync)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"s_per_iter": statistics.median(times), "peak_mb": peak, "rss_after_warmup_mb": base_rss, "loss": loss,
+    return {"s_per_iter": s_per_iter, "peak_mb": peak, "rss_after_warmup_mb": base_rss, "loss": loss,
             "conv_s": conv_blocks_time(model, run, x, iters, sync, bf16, device) if side == "monai" else None,
             "threads": torch.get_num_threads(),
             "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
@@ -107,8 +101,7 @@ def conv_blocks_time(model, run, x, iters: int, sync, bf16: bool, device: str) -
         inputs.setdefault(module, (args[0].detach(), args[0].requires_grad))
 
     hooks = [b.register_forward_hook(keep_input) for b in blocks]
-    with torch.no_grad():
-        run(x)
+    run(x)  # with autograd on, so each block's input says whether the model needs its gradient
     for h in hooks:
         h.remove()
 
@@ -120,6 +113,10 @@ def conv_blocks_time(model, run, x, iters: int, sync, bf16: bool, device: str) -
         model.zero_grad(set_to_none=True)
 
     step()
+    return median_time(step, iters, sync)
+
+
+def median_time(step, iters: int, sync) -> float:
     times = []
     for _ in range(iters):
         sync()
