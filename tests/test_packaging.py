@@ -48,5 +48,5 @@ def test_ci_runs_the_readme_test_command():
 
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "voco_lib.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("demo", "pretrain", "finetune", "phantom", "fetch", "weights", "tasks"):
+    for command in ("demo", "pretrain", "finetune", "nnunet", "phantom", "fetch", "weights", "tasks"):
         assert command in out.stdout

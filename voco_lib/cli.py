@@ -1,4 +1,4 @@
-"""`voco` command line: demo | pretrain | finetune | phantom | fetch | weights | tasks.
+"""`voco` command line: demo | pretrain | finetune | nnunet | phantom | fetch | weights | tasks.
 
 Each subcommand parses its arguments here and hands them to one function in the module that owns the
 concept (imported lazily, so `voco --help` stays fast).
@@ -65,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("target", nargs="?")
     s.add_argument("--out", default=None)
     s.set_defaults(func=_handler("voco_lib.checkpoints:cli_weights"))
+
+    s = sub.add_parser("nnunet", help="nnU-Net v2 path (VerSe20, AutoPET): export a task's datalist, check weights")
+    s.add_argument("action", choices=["export", "check"])
+    s.add_argument("args", nargs="+", metavar="ARG",
+                   help="export: TASK DATALIST OUT; check: CHECKPOINT PLANS DATASET_JSON")
+    s.add_argument("--id", type=int, default=None, help="export: nnU-Net dataset id (1..999)")
+    s.add_argument("--copy", action="store_true", help="export: copy the files instead of symlinking them")
+    s.add_argument("--overwrite", action="store_true", help="export: replace an existing DatasetXXX_Name folder")
+    s.add_argument("--fold", default="0", help="export: the fold the printed train command trains (0 = our split)")
+    s.add_argument("--pretrained", default=None, help="export: checkpoint for nnUNetv2_train -pretrained_weights")
+    s.add_argument("--run", action="store_true", help="export: also run the commands (needs nnunetv2 installed)")
+    s.add_argument("--configuration", default="3d_fullres", help="check: the plans configuration")
+    s.set_defaults(func=_handler("voco_lib.tasks.nnunet:cli_nnunet"))
 
     s = sub.add_parser("tasks", help="the downstream task registry")
     s.add_argument("action", choices=["list"])
