@@ -7,6 +7,7 @@ dataset.json keys, numTraining) are checked the way its `verify_dataset_integrit
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import nibabel as nib
@@ -162,6 +163,24 @@ def test_commands_and_cli(tmp_path, capsys, monkeypatch):
     assert "in_channels=1" in capsys.readouterr().err
     with pytest.raises(nnunet.NnUNetError, match="not installed"):
         nnunet.run_commands(cmds)
+
+
+def test_run_commands_calls_nnunet_with_its_folders(tmp_path, monkeypatch):
+    """Stand-in nnU-Net executables record their arguments and nnU-Net's three folder variables."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for exe in ("nnUNetv2_plan_and_preprocess", "nnUNetv2_train"):
+        f = bin_dir / exe
+        f.write_text(f'#!/bin/sh\necho "{exe} $* raw=$nnUNet_raw pre=$nnUNet_preprocessed" >> {log}\n')
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    raw = tmp_path / "nnUNet_raw"
+    nnunet.run_commands(nnunet.commands(9, raw, fold="all"))
+    pre = tmp_path / "nnUNet_preprocessed"
+    assert log.read_text().splitlines() == [
+        f"nnUNetv2_plan_and_preprocess -d 9 --verify_dataset_integrity raw={raw} pre={pre}",
+        f"nnUNetv2_train 9 3d_fullres all raw={raw} pre={pre}"]
+    assert pre.is_dir() and (tmp_path / "nnUNet_results").is_dir()
 
 
 # A small PlainConvUNet-like name set: encoder, decoder (which repeats the encoder's tensors), seg layers.
