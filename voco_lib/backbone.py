@@ -162,8 +162,9 @@ class WindowAttention(nn.Module):
 
         MONAI indexes the full-window table with [:n, :n] also when the window shrinks (small maps)."""
         n = plan.window[0] * plan.window[1] * plan.window[2]
-        full = F.embedding(self.relative_position_index[:n, :n].reshape(-1), self.relative_position_bias_table)
-        parts = full.index_select(0, plan.pairs).split(plan.pair_sizes)
+        rows = self.relative_position_index[:n, :n].reshape(-1)[plan.pairs]
+        # index_select: its gradient is an index_add into the small table (embedding's sorts the indices)
+        parts = self.relative_position_bias_table.index_select(0, rows).split(plan.pair_sizes)
         out = []
         for g, real, pad in zip(plan.groups, parts[0::2], parts[1::2]):
             nr = g.real_slots.numel()
