@@ -16,12 +16,10 @@ A task type supplies a `Runner` (data + model + loss + evaluation); everything e
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,22 +36,6 @@ RELEASED = {"voco-b": "VoCo_B_SSL_head", "voco-l": "VoCo_L_SSL_head", "voco-h": 
 
 
 # ------------------------------------------------------------------------------------------------ config
-def _typed(fc: FinetuneConfig) -> FinetuneConfig:
-    """Overrides of fields whose default is None arrive as strings (`finetune.steps=50`): give them their type."""
-    hints = typing.get_type_hints(FinetuneConfig)
-    fixes = {}
-    for f in dataclasses.fields(fc):
-        v, hint = getattr(fc, f.name), str(hints[f.name])
-        if isinstance(v, str) and "str" not in hint:
-            if v.lower() == "none":
-                fixes[f.name] = None
-            elif "tuple" in hint:
-                fixes[f.name] = tuple(int(x) for x in v.replace("x", ",").split(","))
-            else:
-                fixes[f.name] = float(v) if "float" in hint else int(v)
-    return dataclasses.replace(fc, **fixes)
-
-
 @dataclass
 class Context:
     """What a runner needs: the task, the resolved profile, the run's seed and label budget, the device."""
@@ -248,7 +230,6 @@ def load_run(run_dir: str | Path, runner_cls: type[Runner], checkpoint: str | Pa
 
     task = task_from_dict(yaml.safe_load(cfg_file.read_text())["task"])
     cfg = resolve(prov["profile"], prov["overrides"])
-    cfg = dataclasses.replace(cfg, finetune=_typed(cfg.finetune))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runner = runner_cls(Context(task, cfg, prov["seed"], prov["n_labeled"], prov["datalist"], device, prov["feature_size"]))
     ckpts = [Path(checkpoint)] if checkpoint else checkpoint_paths(run_dir)
@@ -301,7 +282,6 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
 
     task = load_task(task) if not isinstance(task, Task) else task
     cfg = resolve(profile, overrides)
-    cfg = dataclasses.replace(cfg, finetune=_typed(cfg.finetune))
     fc = cfg.finetune
     if not task.is_phantom and datalist is None:
         raise ValueError(f"task {task.name} needs its data: pass a datalist (MSD-style JSON, see "
