@@ -225,3 +225,12 @@ def test_network_shapes_without_nnunet_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "nnunetv2", None)  # as if nnunetv2 were not installed
     with pytest.raises(nnunet.NnUNetError, match=r'pip install "voco\[nnunet\]"'):
         nnunet.network_shapes({}, {})
+
+
+def test_finetune_of_an_nnunet_task_points_to_the_export(tmp_path):
+    """VerSe20 is fine-tuned with nnU-Net in the paper: our SwinUNETR path says so and names the export command."""
+    from voco_lib.tasks import finetune
+
+    with pytest.warns(UserWarning, match="voco nnunet export verse20"), pytest.raises(Exception, match="missing.json"):
+        finetune("verse20", profile="smoke", datalist=tmp_path / "missing.json", out=tmp_path / "run",
+                 show_progress=False)

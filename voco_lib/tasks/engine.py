@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -286,7 +287,11 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
     if not task.is_phantom and datalist is None:
         raise ValueError(f"task {task.name} needs its data: pass a datalist (MSD-style JSON, see "
                          f"data_manifests/datasets/{task.dataset}.yaml for where to get the data), "
-                         "or run a phantom task (phantom-seg, phantom-cls, phantom-reg, phantom-vl)")
+                         "or run a phantom task (phantom-seg, phantom-cls, phantom-reg, phantom-vl, phantom-rg)")
+    if task.engine == "nnunet":
+        warnings.warn(f"task {task.name}: the paper fine-tunes it with nnU-Net (spec §7.3); this run uses our "
+                      f"SwinUNETR path instead. For the paper's setting: voco nnunet export {task.name} DATALIST OUT "
+                      "--id N (then the printed nnUNetv2 commands)", stacklevel=2)
     if fc.accum < 1:
         raise ValueError(f"finetune.accum must be >= 1, got {fc.accum}")
     rt = init_runtime(timeout_min=FT_TIMEOUT_MIN)
