@@ -9,9 +9,7 @@ Files are read with `torch.load(weights_only=True)` only: a pickle that would ru
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,21 +173,12 @@ def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_encoder(model: nn.Module, path: str | Path) -> Path:
     """Write the encoder-only state dict (released `VoCo_*_SSL_head.pt` layout) atomically: temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from voco_lib.atomic import atomic_write
+
     state = encoder_state_dict(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as f:
+        torch.save(state, f)
+    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------------ registry

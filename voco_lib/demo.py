@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from voco_lib.atomic import write_text
 from voco_lib.config import Profile, profile_name, resolve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,11 +297,9 @@ def run_demo(out: str | Path = "runs/demo", profile: str = "cpu", notebooks: Seq
                      f'<code>{name}/</code></li>')
     total = time.perf_counter() - t_all
     report = out / "report.html"
-    tmp = report.with_suffix(".html.tmp")
-    tmp.write_text(f"<html><head><meta charset='utf-8'><title>voco demo</title></head><body>"
+    write_text(report, f"<html><head><meta charset='utf-8'><title>voco demo</title></head><body>"
                    f"<h1>voco demo ({profile} profile)</h1><p>Total {total:.0f} s.</p><ul>{''.join(links)}</ul>"
-                   f"</body></html>", encoding="utf-8")
-    os.replace(tmp, report)
+                   f"</body></html>")
     print(f"[voco demo] done in {total / 60:.1f} min; report: {report}", flush=True)
     return report
 

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -31,6 +30,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from voco_lib.atomic import atomic_write, write_bytes
 from voco_lib.config import Profile, profile_from_dict, resolve, to_dict
 from voco_lib.crops import Views, collate_views
 from voco_lib.distributed import (barrier, check_ranks_in_sync, gather_objects, init_runtime, main_first, shutdown,
@@ -254,12 +254,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ run dir
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def checkpoint_paths(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary files are hidden dot-files and never listed)."""
     return sorted((run_dir / "checkpoints").glob("step_*.pt"))
@@ -270,12 +264,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep_last: 
     d = run_dir / "checkpoints"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step_{step:08d}.pt"
-    tmp = d / f".{path.name}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     for old in checkpoint_paths(run_dir)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -286,7 +276,7 @@ def _truncate_jsonl(path: Path, before_step: int) -> None:
     if not path.is_file():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < before_step]
-    _atomic_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+    write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
 def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -352,7 +342,7 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
             (out / sub).mkdir(parents=True, exist_ok=True)
         for tmp in (out / "checkpoints").glob(".*.tmp"):  # left by a killed run
             tmp.unlink()
-        _atomic_bytes(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+        write_bytes(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
 
     # model, optimizer: same seed on every rank -> identical initial weights (DDP also broadcasts them)
     seed_everything(t.seed)

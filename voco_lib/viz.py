@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -28,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from voco_lib.atomic import atomic_write
 
 Spacing = Sequence[float]
 
@@ -86,19 +86,9 @@ def save_figure(fig: Figure, run_dir: str | Path, name: str, dpi: int = 110) -> 
 
 def write_png(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Atomic PNG write of `fig` to `path` (folders created)."""
-    path = Path(path)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
 
 
 def _setup_axes(ax, plane: str, extent_mm: tuple[float, float], title: str | None = None, unit: str = "mm") -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from voco_lib.data.preprocess import Chain, get_chain, preprocess
-from voco_lib.data.volumes import publish
+from voco_lib.atomic import publish
 
 CACHE_VERSION = 1
 STORE_DTYPES = {"uint16": np.uint16, "uint8": np.uint8, "float16": np.float16}

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from voco_lib.data.volumes import check_datalist_files, publish
+from voco_lib.atomic import publish
+from voco_lib.data.volumes import check_datalist_files
 
 PATH_KEYS = ("image", "label")
 

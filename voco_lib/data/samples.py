@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from voco_lib.data.manifests import load_manifest, manifests_dir, read_datalist, write_datalist
-from voco_lib.data.volumes import publish
+from voco_lib.atomic import publish
 
 DATALIST = "dataset.json"
 

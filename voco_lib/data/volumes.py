@@ -9,7 +9,6 @@ not look like Hounsfield units (e.g. an MRI listed as CT), only warns with `HURa
 from __future__ import annotations
 
 import gzip
-import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -225,14 +224,6 @@ def load_pair(image_path: ImageSource, label_path: str | Path, modality: str = "
         raise VolumeError(label_path, f"is on a different grid (affine) than its image {image.path}",
                           "resample the label with nearest-neighbour onto the image grid")
     return image, label
-
-
-def publish(tmp: str | Path, path: str | Path) -> None:
-    """Atomically move a finished temporary file into place, with normal permissions (mkstemp makes it 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def check_datalist_files(entries: list[dict[str, str]], root: str | Path, datalist: str | Path = "datalist") -> None:

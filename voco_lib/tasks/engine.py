@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from voco_lib.atomic import write_text
 from voco_lib.config import FinetuneConfig, Profile, resolve, to_dict
 from voco_lib.tasks.registry import Task, load_task
 
@@ -169,12 +169,6 @@ def load_init(target: nn.Module, path: Path, min_coverage: float) -> dict[str, A
 
 
 # ------------------------------------------------------------------------------------------------ run dir
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -186,7 +180,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     Lines at `last_step` itself were written before that checkpoint (log, validation, then checkpoint)."""
     if path.is_file():
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-        _atomic_text(path, "".join(k + "\n" for k in keep))
+        write_text(path, "".join(k + "\n" for k in keep))
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -361,7 +355,7 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
     elif rt.main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         doc = json.loads(json.dumps({"provenance": provenance, "task": task.raw, "profile": to_dict(cfg)}))
-        _atomic_text(out / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+        write_text(out / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
     ddp = wrap_ddp(model, rt, find_unused_parameters=_has_unused_parameters(ctx))
     if rt.main:
         print(f"voco finetune {task.name}: {rt.world} process(es) on {device.type}, global batch {ctx.global_batch} "
@@ -438,7 +432,7 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
                    "best": None if best is None else {"step": best["step"], key: best[key]},
                    "curve": [{"step": v["step"], key: v.get(key)} for v in vals],
                    "coverage": coverage, "wall_s": round(time.time() - t0, 1), **provenance, "run_dir": str(out)}
-        _atomic_text(out / "results.json", json.dumps(results, indent=1))
+        write_text(out / "results.json", json.dumps(results, indent=1))
     results = broadcast_object(results, rt)
     shutdown(rt)
     return results
