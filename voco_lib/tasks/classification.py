@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from voco_lib.tasks.data import (Sample, datalist_samples, phantom_samples, phantom_seeds, random_flips, resize_to,
+from voco_lib.tasks.data import (Sample, labelled_datalist, phantom_samples, phantom_seeds, random_flips, resize_to,
                                  stack)
 from voco_lib.tasks.engine import Context, Runner
 from voco_lib.tasks.metrics import accuracy, auc
@@ -64,13 +64,7 @@ class ClassificationRunner(Runner):
             val = _phantom_split(ctx, "validation", fc.n_val)
             ys, yv = phantom_targets(task, train), phantom_targets(task, val, reference=train)
         else:
-            train = datalist_samples(task, ctx.datalist, "training", ctx.roi, keys=("image",))
-            val = datalist_samples(task, ctx.datalist, "validation", ctx.roi, keys=("image",))
-            if ctx.n_labeled:
-                train = train[: ctx.n_labeled]
-            for s in train + val:
-                if "target" not in s:
-                    raise ValueError(f"{ctx.datalist}: entry {s['name']} has no integer 'target' (the class index)")
+            train, val = labelled_datalist(ctx, "target", lambda v: v is not None, "integer 'target' (the class index)")
             ys, yv = [int(s["target"]) for s in train], [int(s["target"]) for s in val]
         self.train = [resize_to(s, ctx.roi) for s in train]
         self.val = [resize_to(s, ctx.roi) for s in val]

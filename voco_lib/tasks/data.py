@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -125,6 +125,20 @@ def datalist_samples(task: Task, datalist: str | Path, split: str, roi: Sequence
                      "image": image, "label": label}
         out.append(resize_to(s, roi) if resize else s)
     return out
+
+
+def labelled_datalist(ctx: Any, field: str, valid: Callable[[Any], bool], what: str) -> tuple[list[Sample], list[Sample]]:
+    """(training, validation) image samples of a real datalist for an image-level task, the training split cut
+    to the first `--n-labeled` entries; every entry must carry `field` (checked by `valid`, described as `what`).
+    ctx: the run's `engine.Context`."""
+    train = datalist_samples(ctx.task, ctx.datalist, "training", ctx.roi, keys=("image",))
+    val = datalist_samples(ctx.task, ctx.datalist, "validation", ctx.roi, keys=("image",))
+    if ctx.n_labeled:
+        train = train[: ctx.n_labeled]
+    for s in train + val:
+        if not valid(s.get(field)):
+            raise ValueError(f"{ctx.datalist}: entry {s['name']} has no {what}")
+    return train, val
 
 
 def entry_name(image: str | Sequence[str]) -> str:

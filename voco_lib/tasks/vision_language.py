@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voco_lib.tasks.data import Sample, datalist_samples, phantom_samples, phantom_seeds, random_flips, resize_to, stack
+from voco_lib.tasks.data import Sample, labelled_datalist, phantom_samples, phantom_seeds, random_flips, resize_to, stack
 from voco_lib.tasks.engine import Context, Runner
 from voco_lib.tasks.metrics import bleu, multilabel_metrics, recall_at_k, rouge_l
 from voco_lib.tasks.registry import Task
@@ -286,13 +286,7 @@ class VisionLanguageRunner(Runner):
                 s["report"] = phantom_report(s["attributes"], th)
                 s["findings"] = phantom_findings(s["attributes"], th)
         else:
-            train = datalist_samples(task, ctx.datalist, "training", ctx.roi, keys=("image",))
-            val = datalist_samples(task, ctx.datalist, "validation", ctx.roi, keys=("image",))
-            if ctx.n_labeled:
-                train = train[: ctx.n_labeled]
-            for s in train + val:
-                if not isinstance(s.get("report"), str):
-                    raise ValueError(f"{ctx.datalist}: entry {s['name']} has no 'report' text")
+            train, val = labelled_datalist(ctx, "report", lambda v: isinstance(v, str), "'report' text")
         if st.vocabulary:  # labels as (vocabulary order) 0/1 lists; needed in training only for VocabFine
             for s in val + (train if st.vocab_loss_weight > 0 else []):
                 s["vocab_labels"] = finding_labels(s, st.vocabulary, ctx.datalist)
