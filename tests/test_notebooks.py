@@ -51,6 +51,10 @@ def test_notebook_structure(path: Path):
         assert f"`{profile}`" in first.source, f"first cell must give the runtime of the {profile} profile"
     names = _param_names(nb)
     assert {"profile", "run_dir"} <= names, f"parameters cell lacks profile/run_dir (has {sorted(names)})"
+    # papermill must see every parameter (its line parser gives up on some comments, e.g. ones with "=")
+    from papermill.translators import PythonTranslator
+
+    assert {p.name for p in PythonTranslator.inspect(_params_cell(nb))} == names
     assert nb.metadata["kernelspec"]["name"] == "python3"
 
 
