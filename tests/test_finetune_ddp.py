@@ -95,8 +95,13 @@ def test_torchrun_two_ranks_match_one_process_with_accumulation_and_resume(tmp_p
     from voco_lib.tasks import finetune
 
     single, ddp, resumed = tmp_path / "single", tmp_path / "ddp", tmp_path / "resumed"
-    finetune("phantom-seg", profile="smoke", seed=0, out=single, overrides=[*COMMON[5:], "finetune.accum=2"],
-             show_progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1): the same kernels, the same sums
+    try:
+        finetune("phantom-seg", profile="smoke", seed=0, out=single, overrides=[*COMMON[5:], "finetune.accum=2"],
+                 show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
     res = _torchrun(ddp)
     assert "2 process(es) on cpu, global batch 2 (1 × accum 1 × 2), lr 0.001" in res.stdout
     assert res.stdout.count('"run_dir"') == 1  # the CLI's result line is printed by rank 0 only
