@@ -8,7 +8,8 @@ import torch
 from voco_lib.backbone import build_encoder
 from voco_lib.config import resolve
 from voco_lib.tasks import load_task, runner_class
-from voco_lib.tasks.engine import Context, checkpoint_feature_size, load_init, resolve_init, sha256
+from voco_lib.files import sha256
+from voco_lib.tasks.engine import Context, checkpoint_feature_size, load_init, resolve_init
 
 
 @pytest.fixture(scope="module")

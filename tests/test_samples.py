@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -38,7 +39,7 @@ def test_extraction_takes_only_listed_regular_files(tmp_path):
               "/abs/evil.txt": b"x", "pkg-1.0/data/link.nrrd": ("symlink", "/etc/passwd"), "pkg-1.0/setup.py": b"code"})
     stage = tmp_path / "stage"
     stage.mkdir()
-    vols = [{"image": {"member": "data/a.nrrd", "sha256": S.hashlib.sha256(b"AAA").hexdigest()}},
+    vols = [{"image": {"member": "data/a.nrrd", "sha256": hashlib.sha256(b"AAA").hexdigest()}},
             {"image": {"member": "data/dcm", "dicom_files": 2}}]
     got = S.extract_members(sd, PKG, vols, stage)
     assert got["data/a.nrrd"].read_bytes() == b"AAA"
@@ -107,7 +108,7 @@ def test_sdist_download_checks_hash_and_caches(tmp_path, monkeypatch):
         S.download_sdist(PKG, tmp_path / "sdists", progress=False)
     assert list((tmp_path / "sdists").iterdir()) == []  # nothing kept, not even pip's temp folder
     assert calls[0][1:4] == ["-m", "pip", "download"] and "--no-binary" in calls[0] and "pkg==1.0" in calls[0]
-    good = {**PKG, "sha256": S.hashlib.sha256(b"tampered").hexdigest()}
+    good = {**PKG, "sha256": hashlib.sha256(b"tampered").hexdigest()}
     p = S.download_sdist(good, tmp_path / "sdists", progress=False)
     assert p.read_bytes() == b"tampered" and len(calls) == 2
     assert S.download_sdist(good, tmp_path / "sdists", progress=False) == p and len(calls) == 2  # cached

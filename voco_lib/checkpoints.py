@@ -173,7 +173,7 @@ def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_encoder(model: nn.Module, path: str | Path) -> Path:
     """Write the encoder-only state dict (released `VoCo_*_SSL_head.pt` layout) atomically: temp file + rename."""
-    from voco_lib.atomic import atomic_write
+    from voco_lib.files import atomic_write
 
     state = encoder_state_dict(model)
     with atomic_write(path) as f:

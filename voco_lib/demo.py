@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from voco_lib.atomic import write_text
+from voco_lib.files import write_text
 from voco_lib.config import Profile, profile_name, resolve
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from voco_lib.atomic import atomic_write, write_bytes
+from voco_lib.files import atomic_write, write_bytes
 from voco_lib.config import Profile, profile_from_dict, resolve, to_dict
 from voco_lib.crops import Views, collate_views
 from voco_lib.distributed import (barrier, check_ranks_in_sync, gather_objects, init_runtime, main_first, shutdown,

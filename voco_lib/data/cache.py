@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from voco_lib.data.preprocess import Chain, get_chain, preprocess
-from voco_lib.atomic import publish
+from voco_lib.files import publish, sha256
 
 CACHE_VERSION = 1
 STORE_DTYPES = {"uint16": np.uint16, "uint8": np.uint8, "float16": np.float16}
@@ -36,11 +36,7 @@ def file_sha256(path: str | Path) -> str:
     st = os.stat(path)
     memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _file_hashes:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _file_hashes[memo] = h.hexdigest()
+        _file_hashes[memo] = sha256(path)
     return _file_hashes[memo]
 
 

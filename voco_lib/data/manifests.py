@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from voco_lib.atomic import publish
+from voco_lib.files import publish
 from voco_lib.data.volumes import check_datalist_files
 
 PATH_KEYS = ("image", "label")

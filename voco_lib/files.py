@@ -1,4 +1,6 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a partial one.
+"""Files: atomic writes and content hashes.
+
+Atomic writes: a reader sees the old file or the complete new one, never a partial one.
 
 Every file voco writes that someone may read while it is written (checkpoints, caches, figures, configs,
 metrics summaries, downloads) goes through here: write to a hidden temporary file in the same folder, flush
@@ -8,6 +10,7 @@ and fsync, give it normal permissions, rename it over the target; on any error t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -49,3 +52,12 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_write(path) as f:
         f.write(data)
     return Path(path)
+
+
+def sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
