@@ -7,7 +7,8 @@ only how shifted-window attention is computed (see `WindowPlan` and `WindowAtten
 - no padding, rolling or window partitioning of the feature map: each window's tokens are gathered by a
   precomputed index, cached per input size;
 - a shifted window is split into its shift regions: MONAI's -100 mask between regions leaves softmax weights
-  below e^-80 (zero in fp32/bf16), so attending within each region is the same result without the mask;
+  below fp32/bf16 resolution (unless logits in a window differ by > 80; see `WindowGroup`), so attending within
+  each region is the same result without the mask;
 - sub-windows that share a pattern (real and pad positions) form one batch with one additive bias
   (relative position bias) fed to one attention call;
 - padded query positions are dropped (MONAI crops their outputs away);
@@ -41,9 +42,11 @@ class WindowGroup:
     """Sub-windows sharing one pattern; their real tokens sit contiguously in the plan's token order.
 
     A sub-window is the set of tokens of one window that lie in one shift region. MONAI masks attention
-    between regions with -100, which leaves those pairs softmax weights below e^-80 relative to the pair
-    of a token with itself: zero at fp32/bf16 resolution (and denormal numbers that slow the CPU down).
-    Attending within each region is therefore the same result with less work and no mask."""
+    between regions by adding -100, which gives such a pair the softmax weight e^(Δ-100) relative to the
+    largest weight of its row (Δ: how far its logit lies above the row's largest unmasked logit). Unless
+    logits within a window differ by more than 80, that is below e^-20 ≈ 2e-9, under fp32/bf16 resolution (and
+    its exp is a denormal number, which slows the CPU down). Attending within each region gives the same
+    result with less work and no mask; the equivalence tests check it against MONAI."""
 
     n_windows: int  # sub-windows in the group
     real_slots: torch.Tensor  # (n_real,) positions inside the window of the real tokens (row-major)
