@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from voco_lib.checkpoints import CheckpointError, CoverageReport, load_checkpoint, load_encoder, normalize_state_dict
-from voco_lib.config import PRESETS, Profile, TrainConfig, ViewConfig, resolve
+from voco_lib.config import PRESETS, Profile, TrainConfig, ViewConfig, profile_from_dict, resolve
 from voco_lib.crops import Views
 from voco_lib.losses import similarity
 
@@ -127,7 +127,7 @@ def encoder_config(profile: Profile | str | None, feature_size: int, views: str 
 def load_encoder_only(path: str | Path, profile: Profile | str | None = "cpu", views: str | ViewConfig = "auto",
                       device: str = "cpu", state: Any = None) -> tuple[EncoderOnly, Profile]:
     """Load an encoder-only file with 100% coverage of the encoder keys; architecture from its tensor shapes."""
-    from voco_lib.backbone import build_encoder
+    from voco_lib.pretrain import build_backbone
 
     path = Path(path)
     obj = load_checkpoint(path) if state is None else state
@@ -135,10 +135,9 @@ def load_encoder_only(path: str | Path, profile: Profile | str | None = "cpu", v
         flat = normalize_state_dict(obj)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    fs, cin = infer_architecture(flat, str(path))
+    fs, _ = infer_architecture(flat, str(path))
     cfg = encoder_config(profile, fs, views)
-    small = min(cfg.views.out_size or cfg.views.crop_size) < 64  # encoder10 needs a deepest map above 1³
-    enc = build_encoder(fs, cin, small_crop="bypass" if small else None)
+    enc = build_backbone(cfg)  # the pre-training's encoder for these views (small crops: "bypass")
     report = load_encoder(enc, flat, min_coverage=1.0, name=str(path))
     return EncoderOnly(enc.to(device).eval(), path, report), cfg
 
@@ -223,7 +222,7 @@ def load_explorer_model(checkpoint: str | Path | None, profile: Profile | str | 
     import yaml
 
     from voco_lib.demo import pretrain_or_reuse
-    from voco_lib.pretrain import VoCoModel, load_run, profile_from_dict
+    from voco_lib.pretrain import VoCoModel, load_run
 
     if checkpoint is None:
         checkpoint = pretrain_or_reuse(None, profile if isinstance(profile, str) or profile is None else profile.name,
