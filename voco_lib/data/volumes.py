@@ -165,6 +165,10 @@ def check_hu_range(data: np.ndarray, path: str | Path) -> bool:
 ImageSource = str | Path | Sequence[str | Path]  # one file (3-D, or 4-D NIfTI with channels last) or one file per channel
 
 
+def _one_channel(v: Volume) -> Volume:
+    return Volume(v.array[None], v.affine, v.path)
+
+
 def _same_grid(a: Volume, b: Volume) -> bool:
     return a.array.shape[-3:] == b.array.shape[-3:] and np.allclose(a.affine, b.affine, atol=1e-3 * max(a.spacing))
 
@@ -191,17 +195,13 @@ def load_channels(source: ImageSource, modality: str = "CT") -> Volume:
                                   "register/resample the channels onto one grid before listing them together")
         return Volume(np.stack([v.array for v in vols]), vols[0].affine, str(paths[0]))
     path = Path(source)
-    if not path.is_file():
-        raise VolumeError(path, "does not exist", "check the path (and the data root / VOCO_DATA_DIR it is relative to)")
-    if not path.name.endswith(NIFTI_SUFFIXES):
-        v = load_volume(path, modality)
-        return Volume(v.array[None], v.affine, v.path)
+    if not (path.is_file() and path.name.endswith(NIFTI_SUFFIXES)):  # load_volume names a missing file
+        return _one_channel(load_volume(path, modality))
     data, affine = _read_nifti(path)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 4:
-        v = check_volume(data, affine, path, modality)
-        return Volume(v.array[None], v.affine, v.path)
+        return _one_channel(check_volume(data, affine, path, modality))
     chans = [check_volume(data[..., c], affine, f"{path} (channel {c})", modality) for c in range(data.shape[-1])]
     return Volume(np.stack([c.array for c in chans]), chans[0].affine, str(path))
 
@@ -210,11 +210,8 @@ def load_pair(image_path: ImageSource, label_path: str | Path, modality: str = "
               channels: bool = True) -> tuple[Volume, Volume]:
     """Image ((C, X, Y, Z); `channels=False`: one 3-D file only, C = 1) and label map, checked to share one voxel
     grid (shape and affine)."""
-    if channels:
-        image = load_channels(image_path, modality)
-    else:
-        v = load_volume(image_path, modality)  # type: ignore[arg-type]
-        image = Volume(v.array[None], v.affine, v.path)
+    image = (load_channels(image_path, modality) if channels
+             else _one_channel(load_volume(image_path, modality)))  # type: ignore[arg-type]
     label = load_volume(label_path, kind="label")
     if image.array.shape[1:] != label.array.shape:
         raise VolumeError(label_path, f"has shape {label.array.shape} but its image {image.path} has "
