@@ -173,7 +173,8 @@ def sample_subject(profile: Profile | str | None = "cpu", index: int = 0, fetch:
     from voco_lib.data.preprocess import get_chain, preprocess
 
     cfg = _config(profile)
-    entries = [e for e in read_datalist(datalist, "training") if e.get("label")] or read_datalist(datalist, "training")
+    training = read_datalist(datalist, "training")
+    entries = [e for e in training if e.get("label")] or training
     entry = entries[index % len(entries)]
     chain = get_chain(cfg.train.chain)
     keys = {k: str(entry[k]) for k in ("image", "label") if entry.get(k)}
