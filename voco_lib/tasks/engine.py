@@ -387,7 +387,7 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
         validate(0)
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
+        losses = []  # detached; read (a device sync) only on the steps that log
         for a in range(fc.accum):
             ctx.micro = a
             sync = ddp.no_sync() if rt.distributed and a < fc.accum - 1 else contextlib.nullcontext()
@@ -395,14 +395,14 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
                 with autocast(), _forward_through(runner, ddp):
                     loss = runner.loss(step)
                 scaler.scale(loss / fc.accum).backward()
-            loss_sum += float(loss.detach())
+            losses.append(loss.detach())
         ctx.micro = 0
         scaler.step(opt)
         scaler.update()
         sched.step()
         done = step + 1
         if done % fc.log_every == 0 or done == steps:
-            train_loss = mean_over_ranks([loss_sum / fc.accum], rt)[0]
+            train_loss = mean_over_ranks([sum(float(v) for v in losses) / fc.accum], rt)[0]
             log({"step": done, "kind": "train", "loss": train_loss, "lr": sched.get_last_lr()[0]})
             bar.set_postfix(loss=f"{train_loss:.4f}")
         if done % eval_every == 0 and done != steps:
