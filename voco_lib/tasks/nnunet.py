@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from voco_lib.checkpoints import CoverageReport, load_checkpoint, normalize_state_dict
-from voco_lib.files import publish
+from voco_lib.files import write_text
 from voco_lib.data.volumes import VolumeError
 from voco_lib.tasks.registry import Task, load_task
 
@@ -240,11 +240,7 @@ def _check_count(task: Task, n: int, files: Sequence[str]) -> None:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    publish(tmp, path)
+    write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ commands
