@@ -161,7 +161,7 @@ def check_channels(task: Task, n: int, image: str | Sequence[str], datalist: str
 
 def remap_labels(task: Task, label: torch.Tensor, path: str | Path) -> torch.Tensor:
     """Raw label values -> class indices by the task's `label_remap` (e.g. BraTS 4 -> 3), checked to be < K."""
-    remap = {int(k): int(v) for k, v in (task.raw.get("label_remap") or {}).items()}
+    remap = task.label_remap
     if remap:
         lut = torch.arange(max(int(label.max()), *remap) + 1)
         lut[list(remap)] = torch.tensor(list(remap.values()))

@@ -119,10 +119,6 @@ def _write_nifti(dst: Path, data: np.ndarray, affine: np.ndarray, header: Any = 
     nib.save(img, str(dst))
 
 
-def _remap(task: Task) -> dict[int, int]:
-    return {int(k): int(v) for k, v in (task.raw.get("label_remap") or {}).items()}
-
-
 def export_dataset(task: str | Task, datalist: str | Path, out: str | Path, dataset_id: int | None = None,
                    mode: str = "symlink", channel_names: Sequence[str] | None = None,
                    overwrite: bool = False) -> Path:
@@ -219,7 +215,7 @@ def _export_case(task: Task, entry: Mapping[str, Any], case: str, images: Path, 
             raise VolumeError(lab, f"is not on the grid of its image {files[0]}",
                               "resample the label (nearest-neighbour) onto the image grid")
         dst = labels / f"{case}{FILE_ENDING}"
-        remap = _remap(task)
+        remap = task.label_remap
         if remap:
             data, affine, header = _read(lab)
             lut = np.arange(max(int(data.max()), *remap) + 1)

@@ -53,6 +53,11 @@ class Task:
         return str(self.raw.get("engine", "monai"))
 
     @property
+    def label_remap(self) -> dict[int, int]:
+        """Raw label value -> class index from the manifest's `label_remap` (e.g. BraTS 4 -> 3); {} when none."""
+        return {int(k): int(v) for k, v in (self.raw.get("label_remap") or {}).items()}
+
+    @property
     def out_channels(self) -> int:
         """Network outputs: K (segmentation includes background), or the class count for classification."""
         if self.num_classes is None:
