@@ -53,7 +53,7 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
 def dataset_json(task: Task, num_training: int, channel_names: Sequence[str] | None = None) -> dict[str, Any]:
     """The dataset.json nnU-Net v2 needs for `task` (labels from the task's classes, index = label value)."""
     names = list(channel_names or (task.raw.get("nnunet") or {}).get("channel_names") or
-                 (["CT"] * task.in_channels if task.modality == "CT" else [task.modality] * task.in_channels))
+                 [task.modality] * task.in_channels)
     if len(names) != task.in_channels:
         raise NnUNetError(f"task {task.name}: {len(names)} channel names for in_channels={task.in_channels}")
     k = task.num_classes
