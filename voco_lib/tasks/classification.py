@@ -64,7 +64,8 @@ class ClassificationRunner(Runner):
             val = _phantom_split(ctx, "validation", fc.n_val)
             ys, yv = phantom_targets(task, train), phantom_targets(task, val, reference=train)
         else:
-            train, val = labelled_datalist(ctx, "target", lambda v: v is not None, "integer 'target' (the class index)")
+            train, val = labelled_datalist(ctx, ("image",), "target", lambda v: v is not None,
+                                           "integer 'target' (the class index)")
             ys, yv = [int(s["target"]) for s in train], [int(s["target"]) for s in val]
         self.train = [resize_to(s, ctx.roi) for s in train]
         self.val = [resize_to(s, ctx.roi) for s in val]

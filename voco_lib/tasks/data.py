@@ -127,17 +127,25 @@ def datalist_samples(task: Task, datalist: str | Path, split: str, roi: Sequence
     return out
 
 
-def labelled_datalist(ctx: Any, field: str, valid: Callable[[Any], bool], what: str) -> tuple[list[Sample], list[Sample]]:
-    """(training, validation) image samples of a real datalist for an image-level task, the training split cut
-    to the first `--n-labeled` entries; every entry must carry `field` (checked by `valid`, described as `what`).
-    ctx: the run's `engine.Context`."""
-    train = datalist_samples(ctx.task, ctx.datalist, "training", ctx.roi, keys=("image",))
-    val = datalist_samples(ctx.task, ctx.datalist, "validation", ctx.roi, keys=("image",))
+def labelled_datalist(ctx: Any, keys: Sequence[str] = ("image", "label"), field: str | None = None,
+                      valid: Callable[[Any], bool] | None = None, what: str = "") -> tuple[list[Sample], list[Sample]]:
+    """(training, validation) samples of a real datalist, the training split cut to the first `--n-labeled`
+    entries. keys: the files each entry must have; field (image-level tasks): an entry value every sample
+    must carry, checked by `valid` and described as `what` in the error. ctx: the run's `engine.Context`."""
+    task, dl = ctx.task, ctx.datalist
+    train = datalist_samples(task, dl, "training", ctx.roi, keys=keys)
+    val = datalist_samples(task, dl, "validation", ctx.roi, keys=keys)
     if ctx.n_labeled:
+        if ctx.n_labeled > len(train):
+            raise ValueError(f"--n-labeled {ctx.n_labeled} but {dl} lists only {len(train)} training volumes")
         train = train[: ctx.n_labeled]
-    for s in train + val:
-        if not valid(s.get(field)):
-            raise ValueError(f"{ctx.datalist}: entry {s['name']} has no {what}")
+    if field is not None:
+        for s in train + val:
+            if not valid(s.get(field)):
+                raise ValueError(f"{dl}: entry {s['name']} has no {what}")
+    if not val:
+        raise ValueError(f"{dl}: no 'validation' list; add one (the split protocol: "
+                         f"{task.split.get('protocol', 'see the task manifest')})")
     return train, val
 
 

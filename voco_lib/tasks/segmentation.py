@@ -15,7 +15,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
-from voco_lib.tasks.data import (Sample, datalist_samples, phantom_samples, phantom_seeds, random_crop_start,
+from voco_lib.tasks.data import (Sample, labelled_datalist, phantom_samples, phantom_seeds, random_crop_start,
                                  random_flips)
 from voco_lib.tasks.engine import Context, Runner
 from voco_lib.tasks.metrics import dice_per_class, hd95_per_class
@@ -23,21 +23,13 @@ from voco_lib.tasks.metrics import dice_per_class, hd95_per_class
 
 def labelled_split(ctx: Context) -> tuple[list[Sample], list[Sample]]:
     """(training, validation) samples with labels; training cut to `n_labeled` when given."""
-    task, fc, roi = ctx.task, ctx.fc, ctx.roi
+    task, fc = ctx.task, ctx.fc
     if task.is_phantom:
         n = ctx.n_labeled or fc.n_train
         train = phantom_samples(task, phantom_seeds(task, "training", n, ctx.seed))
         val = phantom_samples(task, phantom_seeds(task, "validation", fc.n_val))
         return train, val
-    train = datalist_samples(task, ctx.datalist, "training", roi)
-    val = datalist_samples(task, ctx.datalist, "validation", roi)
-    if ctx.n_labeled:
-        if ctx.n_labeled > len(train):
-            raise ValueError(f"--n-labeled {ctx.n_labeled} but {ctx.datalist} lists only {len(train)} training volumes")
-        train = train[: ctx.n_labeled]
-    if not val:
-        raise ValueError(f"{ctx.datalist}: no 'validation' list; add one (the split protocol: {task.split['protocol']})")
-    return train, val
+    return labelled_datalist(ctx)
 
 
 def build_model(ctx: Context) -> torch.nn.Module:

@@ -286,7 +286,7 @@ class VisionLanguageRunner(Runner):
                 s["report"] = phantom_report(s["attributes"], th)
                 s["findings"] = phantom_findings(s["attributes"], th)
         else:
-            train, val = labelled_datalist(ctx, "report", lambda v: isinstance(v, str), "'report' text")
+            train, val = labelled_datalist(ctx, ("image",), "report", lambda v: isinstance(v, str), "'report' text")
         if st.vocabulary:  # labels as (vocabulary order) 0/1 lists; needed in training only for VocabFine
             for s in val + (train if st.vocab_loss_weight > 0 else []):
                 s["vocab_labels"] = finding_labels(s, st.vocabulary, ctx.datalist)
