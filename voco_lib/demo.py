@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from voco_lib.files import write_text
 from voco_lib.config import Profile, profile_name, resolve
+from voco_lib.files import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO / "notebooks"

@@ -48,12 +48,6 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_write(path) as f:
-        f.write(data)
-    return Path(path)
-
-
 def sha256(path: str | Path) -> str:
     """Hex sha256 of a file's content, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -30,13 +30,13 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from voco_lib.files import atomic_write, write_bytes
 from voco_lib.config import Profile, profile_from_dict, resolve, to_dict
 from voco_lib.crops import Views, collate_views
 from voco_lib.distributed import (barrier, check_ranks_in_sync, gather_objects, init_runtime, main_first, shutdown,
                                   wrap_ddp)
 from voco_lib.data.loader import (InfiniteOrder, ViewsDataset, build_volumes, held_out_views, make_loader,
                                   region_mode_of, views_to)
+from voco_lib.files import atomic_write, write_text
 from voco_lib.heads import EMATeacher, EmbeddingDropout, ProjectionHead, VoCoHeads
 from voco_lib.losses import similarity, voco_loss
 
@@ -261,9 +261,7 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep_last: int) -> Path:
     """Write to a hidden temp file, fsync, rename: a reader never sees a partial `step_*.pt`."""
-    d = run_dir / "checkpoints"
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"step_{step:08d}.pt"
+    path = run_dir / "checkpoints" / f"step_{step:08d}.pt"
     with atomic_write(path) as f:
         torch.save(state, f)
     for old in checkpoint_paths(run_dir)[:-keep_last] if keep_last > 0 else []:
@@ -276,7 +274,7 @@ def _truncate_jsonl(path: Path, before_step: int) -> None:
     if not path.is_file():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < before_step]
-    write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
+    write_text(path, "\n".join(keep) + "\n" if keep else "")
 
 
 def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -342,7 +340,7 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
             (out / sub).mkdir(parents=True, exist_ok=True)
         for tmp in (out / "checkpoints").glob(".*.tmp"):  # left by a killed run
             tmp.unlink()
-        write_bytes(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+        write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # model, optimizer: same seed on every rank -> identical initial weights (DDP also broadcasts them)
     seed_everything(t.seed)

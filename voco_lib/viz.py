@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
 from voco_lib.files import atomic_write
 
 Spacing = Sequence[float]

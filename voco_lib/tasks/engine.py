@@ -28,8 +28,8 @@ import torch
 import yaml
 from torch import nn
 
-from voco_lib.files import sha256, write_text
 from voco_lib.config import FinetuneConfig, Profile, resolve, to_dict
+from voco_lib.files import sha256, write_text
 from voco_lib.tasks.registry import Task, load_task
 
 RELEASED = {"voco-b": "VoCo_B_SSL_head", "voco-l": "VoCo_L_SSL_head", "voco-h": "VoCo_H_SSL_head"}
