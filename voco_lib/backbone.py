@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from monai.networks.blocks import MLPBlock, PatchEmbed, UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from monai.networks.blocks import MLPBlock, PatchEmbed, UnetOutBlock, UnetrBasicBlock, UnetResBlock, UnetrUpBlock
 from monai.networks.layers import DropPath
 from monai.networks.nets.swin_unetr import PatchMerging
 from torch import nn
@@ -272,9 +272,76 @@ class SwinStage(nn.Module):
         return self.downsample(t.view(b, d, h, w, c)).permute(0, 4, 1, 2, 3)
 
 
-def _res_block(channels_in: int, channels_out: int) -> UnetrBasicBlock:
-    return UnetrBasicBlock(spatial_dims=3, in_channels=channels_in, out_channels=channels_out, kernel_size=3,
-                           stride=1, norm_name="instance", res_block=True)
+# ------------------------------------------------------------------------------------------------ conv blocks
+class _NormAct(torch.autograd.Function):
+    """y = leaky_relu(instance_norm(z) + r) with a hand-written backward that keeps only y (and r).
+
+    MONAI's block runs InstanceNorm, then an in-place LeakyReLU on the norm's reshaped output: autograd keeps
+    both z and y and copies whole maps in backward (CopySlices). Here the backward recovers everything from y:
+    the LeakyReLU gradient is 1 or slope by the sign of y, the normalised map is y (or y/slope, minus r), and
+    the instance-norm gradient is the batch-norm gradient over (1, B·C, voxels) with weight 1/σ."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, r: torch.Tensor | None, slope: float, eps: float) -> torch.Tensor:
+        b, c = z.shape[:2]
+        y, _, rstd = torch.native_batch_norm(z.reshape(1, b * c, -1), None, None, None, None, True, 0.0, eps)
+        y = y.view_as(z)
+        if r is not None:
+            y.add_(r)
+        if slope != 1.0:
+            F.leaky_relu(y, slope, inplace=True)
+        ctx.slope, ctx.eps = slope, eps
+        ctx.save_for_backward(y, rstd, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, rstd, r = ctx.saved_tensors
+        normed = y
+        if ctx.slope != 1.0:
+            grad = torch.ops.aten.leaky_relu_backward(grad, y, ctx.slope, True)
+            normed = torch.ops.aten.leaky_relu_backward(y, y, 1.0 / ctx.slope, False)
+        if r is not None:
+            normed = normed - r
+        n = rstd.numel()
+        dz = torch.ops.aten.native_batch_norm_backward(
+            grad.reshape(1, n, -1), normed.reshape(1, n, -1), rstd, None, None, rstd.new_zeros(n), rstd.new_ones(n),
+            True, ctx.eps, [True, False, False])[0]
+        return dz.view_as(y), grad if ctx.needs_input_grad[1] else None, None, None
+
+
+def residual_block(layer: UnetResBlock, x: torch.Tensor) -> torch.Tensor:
+    """MONAI's UnetResBlock forward (conv-norm-act, conv-norm, + residual (conv-norm), act), same maths, with
+    norm and activation fused by `_NormAct`."""
+    slope, eps = layer.lrelu.negative_slope, layer.norm1.eps
+    h = _NormAct.apply(layer.conv1(x), None, slope, eps)
+    r = _NormAct.apply(layer.conv3(x), None, 1.0, eps) if hasattr(layer, "conv3") else x
+    return _NormAct.apply(layer.conv2(h), r, slope, eps)
+
+
+class ConvBlock(UnetrBasicBlock):
+    """SwinUNETR's residual conv block (MONAI's UnetrBasicBlock, same names), with the fused forward."""
+
+    def __init__(self, channels_in: int, channels_out: int):
+        super().__init__(spatial_dims=3, in_channels=channels_in, out_channels=channels_out, kernel_size=3,
+                         stride=1, norm_name="instance", res_block=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[2:].numel() == 1:  # as MONAI's InstanceNorm does
+            raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}: "
+                             "crops below 64³ need build_encoder(..., small_crop='bypass' or 'upsample')")
+        return residual_block(self.layer, x)
+
+
+class UpBlock(UnetrUpBlock):
+    """SwinUNETR's decoder block (MONAI's UnetrUpBlock, same names): upsample, concat the skip, residual block."""
+
+    def __init__(self, channels_in: int, channels_out: int):
+        super().__init__(spatial_dims=3, in_channels=channels_in, out_channels=channels_out, kernel_size=3,
+                         upsample_kernel_size=2, norm_name="instance", res_block=True)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return residual_block(self.conv_block, torch.cat([self.transp_conv(x), skip], 1))
 
 
 class SwinViT(nn.Module):
@@ -293,7 +360,7 @@ class SwinViT(nn.Module):
             rates = dpr[sum(depths[:i]): sum(depths[: i + 1])]
             stage = SwinStage(dim, depths[i], num_heads[i], win, rates, grad_checkpoint, **block_opts)
             setattr(self, f"layers{i + 1}", nn.ModuleList([stage]))
-            setattr(self, f"layers{i + 1}c", nn.ModuleList([_res_block(dim, dim)]))
+            setattr(self, f"layers{i + 1}c", nn.ModuleList([ConvBlock(dim, dim)]))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Five maps (patch embedding, then each stage), each layer-normalised over channels as MONAI's."""
@@ -340,11 +407,11 @@ class SwinEncoder(nn.Module):
         self.swinViT = SwinViT(in_channels, feature_size, drop_path_rate=drop_path_rate,
                                grad_checkpoint=grad_checkpoint)
         fs = feature_size
-        self.encoder1 = _res_block(in_channels, fs)
-        self.encoder2 = _res_block(fs, fs)
-        self.encoder3 = _res_block(2 * fs, 2 * fs)
-        self.encoder4 = _res_block(4 * fs, 4 * fs)
-        self.encoder10 = _res_block(16 * fs, 16 * fs)
+        self.encoder1 = ConvBlock(in_channels, fs)
+        self.encoder2 = ConvBlock(fs, fs)
+        self.encoder3 = ConvBlock(2 * fs, 2 * fs)
+        self.encoder4 = ConvBlock(4 * fs, 4 * fs)
+        self.encoder10 = ConvBlock(16 * fs, 16 * fs)
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or any(s % 32 for s in x.shape[2:]):
@@ -386,15 +453,11 @@ class SwinUNETR(SwinEncoder):
         super().__init__(feature_size, in_channels, **opts)
         fs = feature_size
 
-        def up(cin: int, cout: int) -> UnetrUpBlock:
-            return UnetrUpBlock(spatial_dims=3, in_channels=cin, out_channels=cout, kernel_size=3,
-                                upsample_kernel_size=2, norm_name="instance", res_block=True)
-
-        self.decoder5 = up(16 * fs, 8 * fs)
-        self.decoder4 = up(8 * fs, 4 * fs)
-        self.decoder3 = up(4 * fs, 2 * fs)
-        self.decoder2 = up(2 * fs, fs)
-        self.decoder1 = up(fs, fs)
+        self.decoder5 = UpBlock(16 * fs, 8 * fs)
+        self.decoder4 = UpBlock(8 * fs, 4 * fs)
+        self.decoder3 = UpBlock(4 * fs, 2 * fs)
+        self.decoder2 = UpBlock(2 * fs, fs)
+        self.decoder1 = UpBlock(fs, fs)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=fs, out_channels=out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
