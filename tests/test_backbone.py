@@ -7,9 +7,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
 from monai.networks.nets import SwinUNETR
 
-from voco_lib.backbone import build_encoder, build_swinunetr, pooled_embedding, window_plan
+from voco_lib.backbone import (ConvBlock, UpBlock, _NormAct, build_encoder, build_swinunetr, conv3x3, pooled_embedding,
+                               window_plan)
 
 
 def monai_and_ours(fs: int, out_channels: int = 2):
@@ -118,6 +120,60 @@ def test_window_plan_is_a_permutation_with_grouped_patterns():
     small = window_plan((4, 4, 4), (7, 7, 7), (3, 3, 3), "cpu")
     assert small.window == (4, 4, 4) and len(small.groups) == 1
     assert small.groups[0].pad_slots.numel() == 0 and small.groups[0].real_slots.numel() == 64
+
+
+def grads_after(model: torch.nn.Module, inputs: list[torch.Tensor], weight: torch.Tensor):
+    """Output and every gradient (inputs', then parameters') of sum(weight · model(*inputs))."""
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    model.zero_grad()
+    out = model(*inputs)
+    (out * weight).sum().backward()
+    return [out.detach()] + [t.grad for t in inputs] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("batch,cin,cout,size", [
+    (2, 4, 4, 8),  # identity residual, contiguous batch
+    (2, 3, 5, 8),  # residual through conv3 + norm3
+    (1, 6, 6, 16),  # batch 1 with C·D·H ≤ 20480: the two-halves convolution
+    (1, 2, 6, 16),
+])
+def test_conv_blocks_equal_monai_in_float64(batch, cin, cout, size):
+    """The fused norm/activation with its hand-written backward is MONAI's block, outputs and all gradients."""
+    torch.manual_seed(0)
+    ref = UnetrBasicBlock(spatial_dims=3, in_channels=cin, out_channels=cout, kernel_size=3, stride=1,
+                          norm_name="instance", res_block=True).double()
+    ours = ConvBlock(cin, cout).double()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(batch, cin, size, size, size, dtype=torch.float64)
+    w = torch.randn(batch, cout, size, size, size, dtype=torch.float64)
+    for a, b in zip(grads_after(ref, [x], w), grads_after(ours, [x], w), strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+    up_ref = UnetrUpBlock(spatial_dims=3, in_channels=cin, out_channels=cout, kernel_size=3, upsample_kernel_size=2,
+                          norm_name="instance", res_block=True).double()
+    up = UpBlock(cin, cout).double()
+    up.load_state_dict(up_ref.state_dict(), strict=True)
+    low = torch.randn(batch, cin, size // 2, size // 2, size // 2, dtype=torch.float64)
+    skip = torch.randn(batch, cout, size, size, size, dtype=torch.float64)
+    for a, b in zip(grads_after(up_ref, [low, skip], w), grads_after(up, [low, skip], w), strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_two_halves_convolution_is_the_convolution():
+    conv = torch.nn.Conv3d(12, 7, 3, padding=1, bias=True).double()
+    x = torch.randn(1, 12, 16, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert 12 * 16 * 8 <= 20480  # the halves path is taken
+    assert torch.allclose(conv3x3(conv, x), conv(x), atol=1e-12)
+    torch.autograd.gradcheck(lambda t: conv3x3(conv, t), (x[:, :, :8, :4, :4].detach().requires_grad_(),))
+
+
+def test_norm_act_gradient():
+    z = torch.randn(2, 3, 4, 4, 2, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 3, 4, 4, 2, dtype=torch.float64, requires_grad=True)
+    for slope in (0.01, 1.0):
+        assert torch.autograd.gradcheck(lambda a, b: _NormAct.apply(a, b, slope, 1e-5), (z, r))
+        assert torch.autograd.gradcheck(lambda a: _NormAct.apply(a, None, slope, 1e-5), (z,))
+        expected = F.leaky_relu(F.instance_norm(z) + r, slope)
+        assert torch.allclose(_NormAct.apply(z, r, slope, 1e-5), expected, atol=1e-12)
 
 
 def test_small_crop_bypass_is_encoder10_on_one_voxel():
