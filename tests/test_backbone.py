@@ -122,13 +122,15 @@ def test_window_plan_is_a_permutation_with_grouped_patterns():
     assert small.groups[0].pad_slots.numel() == 0 and small.groups[0].real_slots.numel() == 64
 
 
-def grads_after(model: torch.nn.Module, inputs: list[torch.Tensor], weight: torch.Tensor):
-    """Output and every gradient (inputs', then parameters') of sum(weight · model(*inputs))."""
+def grads_after(model, inputs: list[torch.Tensor], weight: torch.Tensor, params=None):
+    """Output and every gradient (inputs', then the parameters') of sum(weight · model(*inputs))."""
+    params = list(params if params is not None else model.parameters())
     inputs = [t.clone().requires_grad_() for t in inputs]
-    model.zero_grad()
+    for p in params:
+        p.grad = None
     out = model(*inputs)
     (out * weight).sum().backward()
-    return [out.detach()] + [t.grad for t in inputs] + [p.grad for p in model.parameters()]
+    return [out.detach()] + [t.grad for t in inputs] + [p.grad for p in params]
 
 
 @pytest.mark.parametrize("batch,cin,cout,size", [
@@ -136,6 +138,7 @@ def grads_after(model: torch.nn.Module, inputs: list[torch.Tensor], weight: torc
     (2, 3, 5, 8),  # residual through conv3 + norm3
     (1, 6, 6, 16),  # batch 1 with C·D·H ≤ 20480: the two-halves convolution
     (1, 2, 6, 16),
+    (2, 5, 5, 2),  # a 2³ map: the convolutions as one matrix product
 ])
 def test_conv_blocks_equal_monai_in_float64(batch, cin, cout, size):
     """The fused norm/activation with its hand-written backward is MONAI's block, outputs and all gradients."""
@@ -158,12 +161,16 @@ def test_conv_blocks_equal_monai_in_float64(batch, cin, cout, size):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
 
 
-def test_two_halves_convolution_is_the_convolution():
-    conv = torch.nn.Conv3d(12, 7, 3, padding=1, bias=True).double()
-    x = torch.randn(1, 12, 16, 8, 8, dtype=torch.float64, requires_grad=True)
-    assert 12 * 16 * 8 <= 20480  # the halves path is taken
-    assert torch.allclose(conv3x3(conv, x), conv(x), atol=1e-12)
-    torch.autograd.gradcheck(lambda t: conv3x3(conv, t), (x[:, :, :8, :4, :4].detach().requires_grad_(),))
+@pytest.mark.parametrize("shape", [(1, 12, 16, 8, 8), (1, 3, 8, 4, 4),  # batch 1, C·D·H ≤ 20480: two halves
+                                   (3, 4, 2, 2, 2), (2, 4, 2, 1, 2)])  # ≤ 2³ voxels: one matrix product
+def test_routed_convolutions_are_the_convolution(shape):
+    """conv3x3's other forms give nn.Conv3d's output and gradients (input, weight, bias)."""
+    conv = torch.nn.Conv3d(shape[1], 7, 3, padding=1, bias=True).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(shape[0], 7, *shape[2:], dtype=torch.float64)
+    routed = grads_after(lambda t: conv3x3(conv, t), [x], w, conv.parameters())
+    for a, b in zip(grads_after(conv, [x], w), routed, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
 
 
 def test_norm_act_gradient():

@@ -311,12 +311,22 @@ class _NormAct(torch.autograd.Function):
 
 
 def conv3x3(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) for a 3³ kernel, stride 1, padding 1; a small batch-1 map runs as two depth halves.
+    """conv(x) for a 3³ kernel, stride 1, padding 1, routed to the fastest exact CPU form for its shape.
 
-    PyTorch sends a batch-1 3D convolution with N·C·D·H ≤ 20480 to its slow im2col kernel instead of oneDNN
-    (a heuristic in ATen's Convolution.cpp), forward and backward: 5× slower at 12×32³. The two halves of the
-    depth axis, each with its one-slice halo, are a batch of two with the same products and sums."""
-    b, c, d, h, _ = x.shape
+    - Maps of at most 2³ voxels (encoder10: 768 channels at feature 48) as one matrix product over the 27
+      shifted copies: oneDNN spends ~4× longer there, mostly on the 16M-entry weight gradient and reorders.
+    - A small batch-1 map as two depth halves: PyTorch sends a batch-1 3D convolution with N·C·D·H ≤ 20480
+      to its slow im2col kernel instead of oneDNN (a heuristic in ATen's Convolution.cpp), forward and
+      backward, 5× slower at 12×32³. The two halves of the depth axis, each with its one-slice halo, are a
+      batch of two with the same products and sums."""
+    b, c, d, h, w = x.shape
+    if x.is_cuda:
+        return conv(x)
+    if d * h * w <= 8:
+        cols = F.pad(x, (1, 1, 1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1).unfold(4, 3, 1)  # b c d h w 3 3 3
+        cols = cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(b * d * h * w, c * 27)
+        y = F.linear(cols, conv.weight.flatten(1), conv.bias)
+        return y.view(b, d, h, w, -1).permute(0, 4, 1, 2, 3)
     if b > 1 or c * d * h > 20480 or d < 8 or d % 2:
         return conv(x)
     xp = F.pad(x, (0, 0, 0, 0, 1, 1))
