@@ -236,3 +236,18 @@ def test_bad_input_is_named():
         build_encoder(12)(torch.zeros(1, 1, 48, 48, 48))
     with pytest.raises(ValueError, match="multiple of 12"):
         build_encoder(16)
+
+
+def test_conv_block_under_bf16_autocast():
+    """Mixed precision (as on GPU with --bf16): the fused norm takes bf16 maps with fp32 statistics."""
+    torch.manual_seed(0)
+    ref = UnetrBasicBlock(spatial_dims=3, in_channels=4, out_channels=8, kernel_size=3, stride=1,
+                          norm_name="instance", res_block=True)
+    ours = ConvBlock(4, 8)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 16, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = grads_after(ours, [x], 1.0), grads_after(ref, [x], 1.0)
+    assert got[0].dtype == want[0].dtype == torch.bfloat16
+    for a, b in zip(want, got, strict=True):
+        assert (a.float() - b.float()).norm() / a.float().norm() < 2e-2
