@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
 from monai.networks.nets import SwinUNETR
 
-from voco_lib.backbone import (ConvBlock, UpBlock, _NormAct, build_encoder, build_swinunetr, conv3x3, pooled_embedding,
+from voco_lib.backbone import (ConvBlock, UpBlock, _NormAct, attention, build_encoder, build_swinunetr, conv3x3, pooled_embedding,
                                window_plan)
 
 
@@ -58,7 +58,7 @@ def test_matches_monai_forward_and_gradients(fs, size):
         rel = (g - r).norm() / r.norm()
         assert rel < per_tensor, f"{name}: relative gradient error {rel:.2e}"
 
-    # eval mode, no gradient (the fused scaled_dot_product_attention path), and the pooled embedding
+    # eval mode, no gradient, and the pooled embedding
     ref.eval(), ours.eval()
     with torch.no_grad():
         emb_ref = pooled_embedding(monai_maps(ref, x))
@@ -170,6 +170,19 @@ def test_routed_convolutions_are_the_convolution(shape):
     w = torch.randn(shape[0], 7, *shape[2:], dtype=torch.float64)
     routed = grads_after(lambda t: conv3x3(conv, t), [x], w, conv.parameters())
     for a, b in zip(grads_after(conv, [x], w), routed, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_plain_attention_is_what_cuda_gets():
+    """On CUDA attention() calls scaled_dot_product_attention with the bias as additive mask; the CPU form
+    must compute the same, with gradients for q, k, v and the bias."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, 3, 7, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(3, 7, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 3, 7, 4, generator=g, dtype=torch.float64)
+    ref = grads_after(lambda *t: F.scaled_dot_product_attention(*t[:3], attn_mask=t[3], scale=0.3), [q, k, v, bias], w, [])
+    got = grads_after(lambda *t: attention(*t, 0.3), [q, k, v, bias], w, [])
+    for a, b in zip(ref, got, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
 
 
