@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
 from monai.networks.nets import SwinUNETR
 
-from voco_lib.backbone import (ConvBlock, UpBlock, _NormAct, attention, build_encoder, build_swinunetr, conv3x3, pooled_embedding,
-                               window_plan)
+from voco_lib.backbone import (ConvBlock, UpBlock, _NormAct, _window_chunks, attention, build_encoder,
+                               build_swinunetr, conv3x3, pooled_embedding, window_plan)
 
 
 def monai_and_ours(fs: int, out_channels: int = 2):
@@ -173,13 +173,15 @@ def test_routed_convolutions_are_the_convolution(shape):
         assert torch.allclose(a, b, atol=1e-12)
 
 
-def test_plain_attention_is_what_cuda_gets():
-    """On CUDA attention() calls scaled_dot_product_attention with the bias as additive mask; the CPU form
-    must compute the same, with gradients for q, k, v and the bias."""
+@pytest.mark.parametrize("windows,heads,n,m", [(5, 3, 7, 7), (9, 2, 343, 344)])  # one chunk; five chunks
+def test_cpu_attention_is_what_cuda_gets(windows, heads, n, m):
+    """On CUDA attention() calls scaled_dot_product_attention with the bias as additive mask; the chunked CPU
+    form must compute the same, with gradients for q, k, v and the bias."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(5, 3, 7, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    bias = torch.randn(3, 7, 7, generator=g, dtype=torch.float64)
-    w = torch.randn(5, 3, 7, 4, generator=g, dtype=torch.float64)
+    q, w = (torch.randn(windows, heads, n, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(windows, heads, m, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(heads, n, m, generator=g, dtype=torch.float64)
+    assert len(_window_chunks(q, k)) == (1 if n == 7 else 5)
     ref = grads_after(lambda *t: F.scaled_dot_product_attention(*t[:3], attn_mask=t[3], scale=0.3), [q, k, v, bias], w, [])
     got = grads_after(lambda *t: attention(*t, 0.3), [q, k, v, bias], w, [])
     for a, b in zip(ref, got, strict=True):
