@@ -175,8 +175,8 @@ def test_routed_convolutions_are_the_convolution(shape):
 
 @pytest.mark.parametrize("windows,heads,n,m", [(5, 3, 7, 7), (9, 2, 343, 344)])  # one chunk; five chunks
 def test_cpu_attention_is_what_cuda_gets(windows, heads, n, m):
-    """On CUDA attention() calls scaled_dot_product_attention with the bias as additive mask; the chunked CPU
-    form must compute the same, with gradients for q, k, v and the bias."""
+    """On CUDA attention() calls scaled_dot_product_attention with the bias as additive mask; the CPU forms
+    (with gradients for q, k, v and the bias; without, chunk by chunk) must compute the same."""
     g = torch.Generator().manual_seed(0)
     q, w = (torch.randn(windows, heads, n, 4, generator=g, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(windows, heads, m, 4, generator=g, dtype=torch.float64) for _ in range(2))
@@ -186,6 +186,8 @@ def test_cpu_attention_is_what_cuda_gets(windows, heads, n, m):
     got = grads_after(lambda *t: attention(*t, 0.3), [q, k, v, bias], w, [])
     for a, b in zip(ref, got, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
+    with torch.no_grad():
+        assert torch.allclose(attention(q, k, v, bias, 0.3), ref[0], atol=1e-12)
 
 
 def test_norm_act_gradient():
