@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
 from monai.networks.nets import SwinUNETR
 
-from voco_lib.backbone import (ConvBlock, UpBlock, _NormAct, _window_chunks, attention, build_encoder,
-                               build_swinunetr, conv3x3, pooled_embedding, window_plan)
+from voco_lib.backbone import ConvBlock, UpBlock, build_encoder, build_swinunetr, pooled_embedding
+from voco_lib.swin_kernels import _NormAct, _window_chunks, attention, conv3x3, window_plan
 
 
 def monai_and_ours(fs: int, out_channels: int = 2):
