@@ -17,9 +17,10 @@ import time
 import torch
 from torch import nn
 
+from voco_lib.config import resolve
 from voco_lib.data.loader import InfiniteOrder, ViewsDataset, build_volumes, make_loader, region_mode_of, views_to
 from voco_lib.losses import voco_loss
-from voco_lib.pretrain import VoCoModel, build_config, build_optimizer, tune_allocator
+from voco_lib.pretrain import VoCoModel, build_optimizer, tune_allocator
 
 
 class MonaiEncoder(nn.Module):
@@ -55,9 +56,9 @@ def bench(cfg, steps: int, dev: torch.device, backbone: nn.Module | None = None,
     model = model.to(dev).train()
     opt, sched = build_optimizer(model, cfg)
     amp = cfg.train.amp if dev.type == "cuda" else "off"
-    vols, _ = build_volumes("phantom", dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, n_eval=0)))
+    vols, _ = build_volumes("phantom", dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_eval=0)))
     ds = ViewsDataset(vols, cfg.views, region_mode_of(cfg), cfg.train.seed)
-    batches = iter(make_loader(ds, InfiniteOrder(len(vols), cfg.batch_size, 0), cfg.train.workers))
+    batches = iter(make_loader(ds, InfiniteOrder(len(vols), cfg.batch_size, 0), cfg.data.workers))
     times: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -104,7 +105,7 @@ def main() -> None:
     dev = torch.device("cuda" if cuda else "cpu")
     if not cuda:
         tune_allocator()
-    cfg = build_config(a.profile or ("gpu" if cuda else "cpu"), a.overrides)
+    cfg = resolve(a.profile or ("gpu" if cuda else "cpu"), a.overrides)
     print(f"profile {cfg.name}: {cfg.batch_size} volumes x ({cfg.views.n_random} random + {cfg.views.n_bases} bases) "
           f"crops of {cfg.views.out_size or cfg.views.crop_size}, feature {cfg.feature_size}, device "
           f"{torch.cuda.get_device_name() if cuda else f'cpu ({torch.get_num_threads()} threads)'}")

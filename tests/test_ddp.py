@@ -23,7 +23,7 @@ import torch
 from voco_lib.pretrain import checkpoint_paths
 
 COMMON = ["--profile", "smoke", "--data", "phantom", "steps=3", "train.log_every=1", "train.eval_every=100",
-          "train.checkpoint_every=3", "heads.dropout_p=0", "n_volumes=8", "train.n_eval=2"]
+          "train.checkpoint_every=3", "heads.dropout_p=0", "n_volumes=8", "data.n_eval=2"]
 
 
 def _free_port() -> int:

@@ -74,7 +74,7 @@ def test_feature_size_and_views_follow_the_file_and_profile(released_file):
     assert model.encoder.small_crop == "bypass"  # 32³ crops: the deepest map is 1³
     tpami = explorer.encoder_config("cpu", 48, "tpami")
     assert tpami.views.crop_size == (64, 64, 64) and tpami.views.grid == (3, 3, 1) and tpami.feature_size == 48
-    assert tpami.train.chain == "abdomen" and tpami.train.phantom_spacing == 1.5
+    assert tpami.data.chain == "abdomen" and tpami.data.phantom_spacing == 1.5
     with pytest.raises(ValueError, match="encoder_views must be one of"):
         explorer.encoder_config("smoke", FS, "big")
 

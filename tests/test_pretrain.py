@@ -11,10 +11,10 @@ import torch
 from voco_lib.config import resolve
 from voco_lib.crops import make_views
 from voco_lib.data.loader import InfiniteOrder, PhantomVolumes, ViewsDataset, make_loader, sample_seed
-from voco_lib.pretrain import (PERF_KEY, VoCoModel, build_config, load_run, position_metrics, predict_positions,
+from voco_lib.pretrain import (PERF_KEY, VoCoModel, load_run, position_metrics, predict_positions,
                                read_metrics, run_pretraining, warmup_cosine)
 
-TINY = ["train.n_eval=2", "n_volumes=4"]
+TINY = ["data.n_eval=2", "n_volumes=4"]
 
 
 def test_warmup_cosine_hand_values():
@@ -54,7 +54,7 @@ def test_order_epochs_are_fresh_permutations_and_resumable():
 
 def test_sample_views_do_not_depend_on_workers():
     cfg = resolve("smoke")
-    vols = PhantomVolumes([0, 1, 2], cfg.train.phantom_shape, spacing=cfg.train.phantom_spacing)
+    vols = PhantomVolumes([0, 1, 2], cfg.data.phantom_shape, spacing=cfg.data.phantom_spacing)
     ds = ViewsDataset(vols, cfg.views, "resize", seed=0)
     a = next(iter(make_loader(ds, InfiniteOrder(3, 2, 0), workers=0)))
     b = next(iter(make_loader(ds, InfiniteOrder(3, 2, 0), workers=2)))
@@ -72,7 +72,7 @@ def test_position_metrics_hand_computed():
 
 @pytest.mark.parametrize("scope", ["head", "full"])
 def test_ema_update_once_per_step_over_the_right_scope(scope):
-    cfg = build_config("smoke", [f"train.ema_scope={scope}"])
+    cfg = resolve("smoke", [f"train.ema_scope={scope}"])
     torch.manual_seed(0)
     model = VoCoModel(cfg)
     student = model.heads.student if scope == "head" else model.net
@@ -85,15 +85,6 @@ def test_ema_update_once_per_step_over_the_right_scope(scope):
     assert all(not p.requires_grad for p in teacher.parameters())
     if scope == "full":  # the CVPR teacher holds its own backbone
         assert any(n.startswith("module.backbone.") for n, _ in model.teacher.named_parameters())
-
-
-def test_method_cvpr_expands_and_unknown_method_fails(monkeypatch):
-    monkeypatch.delenv("VOCO_PROFILE", raising=False)  # CI forces smoke; here the paper profile is inspected
-    cfg = build_config("smoke", ["method=cvpr"])
-    assert (cfg.loss.variant, cfg.train.ema_scope, cfg.heads.dropout_p, cfg.heads.out_dim) == ("cvpr", "full", 0, 2048)
-    assert build_config("paper", ["method=cvpr"]).views.grid == (4, 4, 1)
-    with pytest.raises(ValueError, match="unknown method"):
-        build_config("smoke", ["method=mae"])
 
 
 def _strip(path):
@@ -118,7 +109,7 @@ def test_same_seed_same_metrics(tmp_path):
 def learned_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("learn") / "run"
     return run_pretraining("smoke", "phantom", out, ["steps=24", "train.eval_every=12", "train.checkpoint_every=12",
-                                                      "train.warmup_steps=4", "n_volumes=8", "train.n_eval=4"],
+                                                      "train.warmup_steps=4", "n_volumes=8", "data.n_eval=4"],
                            show_progress=False)
 
 
@@ -137,7 +128,7 @@ def test_smoke_run_learns_position(learned_run):
 def test_load_run_predicts_positions(learned_run):
     model = load_run(learned_run)
     cfg = resolve("smoke")
-    vols = PhantomVolumes([123], cfg.train.phantom_shape, spacing=cfg.train.phantom_spacing)
+    vols = PhantomVolumes([123], cfg.data.phantom_shape, spacing=cfg.data.phantom_spacing)
     from voco_lib.data.preprocess import sample_region
 
     g = torch.Generator().manual_seed(0)

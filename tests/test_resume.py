@@ -18,7 +18,7 @@ from voco_lib.pretrain import PERF_KEY, checkpoint_paths
 N = 4
 TIMEOUT = 900  # seconds; generous because CI machines may be shared
 ARGS = [f"steps={N}", "train.checkpoint_every=1", "train.keep_last=2", "train.eval_every=3", "train.log_every=1",
-        "n_volumes=4", "train.n_eval=2"]
+        "n_volumes=4", "data.n_eval=2"]
 
 
 def _cmd(out: Path, resume: bool = False) -> list[str]:

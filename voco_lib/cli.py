@@ -27,11 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run the demo notebooks (cpu profile) into a run directory and report")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--profile", default="cpu")
+    s.add_argument("--profile", default=None)
     s.set_defaults(func=_handler("voco_lib.demo:cli_demo"))
 
     s = sub.add_parser("pretrain", help="VoCo pre-training (one process or under torchrun)")
-    s.add_argument("--profile", default="cpu")
+    s.add_argument("--profile", default=None)
     s.add_argument("--data", default="phantom", help="phantom | samples | path to an MSD-style datalist JSON")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("finetune", help="fine-tune on a downstream task from the registry")
     s.add_argument("task")
     s.add_argument("--init", default="scratch", help="scratch | voco-b | voco-l | voco-h | RUN_DIR | PATH")
-    s.add_argument("--profile", default="cpu")
+    s.add_argument("--profile", default=None)
     s.add_argument("--out", default=None)
     s.add_argument("--n-labeled", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)

@@ -1,18 +1,54 @@
 """Dataclass configs: the TPAMI/CVPR view presets and the named run profiles.
 
-One config path: a named profile plus `key=value` overrides (see `resolve`). The environment variable
-`VOCO_PROFILE` lets CI force the `smoke` profile everywhere.
+One config path: a named profile plus `key=value` overrides (see `resolve`), `method=tpami|cvpr` among them.
+The environment variable `VOCO_PROFILE` (CI sets `smoke`) stands in only where no profile was given. Every
+value is range-checked when its section is built, so a bad key fails at once, naming the key and a fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 Triple = tuple[int, int, int]
+AMP = ("off", "bf16", "fp16")
+
+
+def _check(key: str, value: Any, ok: bool, rule: str, example: Any) -> None:
+    """A bad value fails when the config is built (not after work was done), naming the key, the rule and a fix."""
+    if not ok:
+        raise ValueError(f"{key} must be {rule}, got {value!r}; set e.g. {key}={example}")
+
+
+def _at_least(key: str, value: float | None, low: float, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    _check(key, value, value is not None and value >= low, f"≥ {low:g}" + (" (or none)" if optional else ""), low)
+
+
+def _positive(key: str, value: float | None, example: float, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    _check(key, value, value is not None and value > 0, "> 0" + (" (or none)" if optional else ""), example)
+
+
+def _fraction(key: str, value: float, closed: bool = False) -> None:
+    ok = 0 <= value <= 1 if closed else 0 <= value < 1
+    _check(key, value, ok, "in [0, 1]" if closed else "in [0, 1)", 0)
+
+
+def _one_of(key: str, value: Any, choices: Collection[Any]) -> None:
+    _check(key, value, value in choices, f"one of {sorted(choices, key=str)}", sorted(choices, key=str)[0])
+
+
+def _voxels(key: str, value: tuple[int, ...] | None) -> None:
+    if value is not None:
+        _check(key, value, len(value) == 3 and all(v >= 1 for v in value), "three sizes ≥ 1", "64x64x64")
 
 
 @dataclass(frozen=True)
@@ -53,6 +89,11 @@ class ViewConfig:
                 raise ValueError(f"region {self.region} is not divisible by grid {self.grid}")
         if any(c > r for c, r in zip(self.crop_size, self.region)):
             raise ValueError(f"crop {self.crop_size} is larger than region {self.region}")
+        _voxels("views.crop", self.crop)
+        _voxels("views.out_size", self.out_size)
+        _at_least("views.n_random", self.n_random, 1)
+        for key in ("flip_p", "rot90_p", "shift_p"):
+            _fraction(f"views.{key}", getattr(self, key), closed=True)
 
 
 PRESETS: dict[str, ViewConfig] = {
@@ -82,6 +123,10 @@ class LossConfig:
     w_reg: float = 1.0
     form: str = "code"  # "code": the released code's losses; "paper": the paper's equations (spec §3.9)
 
+    def __post_init__(self) -> None:
+        _one_of("loss.variant", self.variant, ("tpami", "cvpr"))
+        _one_of("loss.form", self.form, ("code", "paper"))
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -94,10 +139,18 @@ class HeadConfig:
     dropout_p: float = 0.2
     dropout_mode: str = "sample"  # "sample": upstream Dropout1d on (N, D) drops whole rows; "feature": per feature
 
+    def __post_init__(self) -> None:
+        _at_least("heads.hidden_dim", self.hidden_dim, 1)
+        _at_least("heads.out_dim", self.out_dim, 1)
+        _fraction("heads.ema_momentum", self.ema_momentum, closed=True)
+        _one_of("heads.teacher_init", self.teacher_init, ("random", "copy"))
+        _fraction("heads.dropout_p", self.dropout_p)
+        _one_of("heads.dropout_mode", self.dropout_mode, ("sample", "feature"))
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, precision, distribution, logging and data settings of a pre-training run.
+    """Optimisation, precision, distribution and logging of a pre-training run (its data: `DataConfig`).
 
     Defaults follow the authors' TPAMI recipe (method spec §5.1): AdamW(lr 1e-4, amsgrad, PyTorch's default
     weight decay 0.01), 5,000 linear warmup steps then a half cosine to 0, stepped every iteration. Where we
@@ -121,7 +174,23 @@ class TrainConfig:
     eval_every: int = 500  # steps between held-out position-prediction evaluations (also at 0 and the end)
     log_every: int = 10  # steps between metrics.jsonl lines
     tune_allocator: bool = True  # CPU/glibc: keep freed memory instead of unmapping it (≈1.7x faster steps)
-    # data
+
+    def __post_init__(self) -> None:
+        _positive("train.lr", self.lr, 1e-4)
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        _at_least("train.weight_decay", self.weight_decay, 0)
+        _at_least("train.accum", self.accum, 1)
+        _at_least("train.clip", self.clip, 0)
+        _one_of("train.amp", self.amp, AMP)
+        _one_of("train.ema_scope", self.ema_scope, ("head", "full"))
+        for key in ("checkpoint_every", "keep_last", "eval_every", "log_every"):
+            _at_least(f"train.{key}", getattr(self, key), 1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where pre-training volumes come from and how they are prepared (defaults: the TPAMI abdomen recipe)."""
+
     workers: int = 0  # DataLoader worker processes per rank
     chain: str = "abdomen"  # preprocessing chain (voco_lib.data.preprocess.CHAINS)
     region_mode: str | None = None  # None: the chain's; "crop" | "resize" (whole volume resized to the region)
@@ -129,6 +198,14 @@ class TrainConfig:
     phantom_shape: Triple = (160, 160, 128)  # voxels, for --data phantom
     phantom_spacing: float = 1.5  # mm; phantoms are made at this spacing and not resampled again
     n_eval: int = 4  # held-out volumes whose fixed views measure position-prediction accuracy
+
+    def __post_init__(self) -> None:
+        _at_least("data.workers", self.workers, 0)
+        if self.region_mode is not None:
+            _one_of("data.region_mode", self.region_mode, ("crop", "resize"))
+        _voxels("data.phantom_shape", self.phantom_shape)
+        _positive("data.phantom_spacing", self.phantom_spacing, 1.5)
+        _at_least("data.n_eval", self.n_eval, 0)
 
 
 @dataclass(frozen=True)
@@ -159,6 +236,24 @@ class FinetuneConfig:
     keep_last: int = 2
     log_every: int = 10
 
+    def __post_init__(self) -> None:
+        _at_least("finetune.steps", self.steps, 1, optional=True)
+        _at_least("finetune.batch_size", self.batch_size, 1)
+        _at_least("finetune.accum", self.accum, 1)
+        _positive("finetune.lr", self.lr, 3e-4, optional=True)
+        _at_least("finetune.weight_decay", self.weight_decay, 0)
+        _at_least("finetune.warmup_steps", self.warmup_steps, 0, optional=True)
+        _voxels("finetune.roi", self.roi)
+        _at_least("finetune.eval_every", self.eval_every, 1, optional=True)
+        _at_least("finetune.n_train", self.n_train, 1)
+        _at_least("finetune.n_val", self.n_val, 1)
+        _fraction("finetune.sw_overlap", self.sw_overlap)
+        _at_least("finetune.sw_batch_size", self.sw_batch_size, 1)
+        _fraction("finetune.min_coverage", self.min_coverage, closed=True)
+        _one_of("finetune.amp", self.amp, AMP)
+        for key in ("checkpoint_every", "keep_last", "log_every"):
+            _at_least(f"finetune.{key}", getattr(self, key), 1)
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -173,33 +268,48 @@ class Profile:
     loss: LossConfig = field(default_factory=LossConfig)
     heads: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        # MONAI's SwinUNETR (whose parameter names and released weights we share) needs feature_size % 12 == 0
+        _check("feature_size", self.feature_size, self.feature_size >= 12 and self.feature_size % 12 == 0,
+               "a positive multiple of 12", 48)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("n_volumes", self.n_volumes, 0)
+        _at_least("steps", self.steps, 1)
 
 
 # Phantom runs: a whole torso at 3 mm (80x80x64 voxels) resized to the region (the TPAMI head/neck "resize"
 # mode), so base crops are anatomical quadrants and position is learnable in minutes on a CPU. Per-crop
 # flips/rot90 are off there: with them, held-out position accuracy stayed at chance for 100+ steps (even
 # with a toy CNN encoder), without them a toy CNN reached 0.6-0.7 top-1 (chance 0.25) in 30 steps.
-_PHANTOM = dict(region_mode="resize", phantom_shape=(80, 80, 64), phantom_spacing=3.0)
-
+# Fine-tuning on smoke/cpu is sized for the phantom tasks: 64x64x32 volumes, 32³ crops/windows/inputs (the
+# pre-training's crop size); gpu/paper keep the authors' recipe from the task manifest.
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         "smoke", ViewConfig(region=(64, 64, 32), grid=(2, 2, 1), n_random=2, augment=False), feature_size=12,
         batch_size=2, n_volumes=4, steps=4, heads=HeadConfig(hidden_dim=256, out_dim=256),
-        train=TrainConfig(lr=5e-4, warmup_steps=2, checkpoint_every=2, eval_every=2, log_every=1, n_eval=2,
-                          **_PHANTOM),
+        train=TrainConfig(lr=5e-4, warmup_steps=2, checkpoint_every=2, eval_every=2, log_every=1),
+        data=DataConfig(region_mode="resize", phantom_shape=(80, 80, 64), phantom_spacing=3.0, n_eval=2),
+        finetune=FinetuneConfig(steps=4, batch_size=1, roi=(32, 32, 32), eval_every=2, n_train=2, n_val=2,
+                                sw_overlap=0.25, checkpoint_every=2, log_every=1),
     ),
     "cpu": Profile(
         "cpu", ViewConfig(region=(64, 64, 32), grid=(2, 2, 1), n_random=2, augment=False), feature_size=12,
         batch_size=2, n_volumes=32, steps=100, heads=HeadConfig(hidden_dim=512, out_dim=512),
-        train=TrainConfig(lr=5e-4, warmup_steps=10, checkpoint_every=25, eval_every=20, log_every=5, n_eval=4,
-                          **_PHANTOM),
+        train=TrainConfig(lr=5e-4, warmup_steps=10, checkpoint_every=25, eval_every=20, log_every=5),
+        data=DataConfig(region_mode="resize", phantom_shape=(80, 80, 64), phantom_spacing=3.0, n_eval=4),
+        finetune=FinetuneConfig(steps=80, batch_size=2, roi=(32, 32, 32), eval_every=20, n_train=8, n_val=4,
+                                sw_overlap=0.25, checkpoint_every=40, log_every=5),
     ),
     # One GPU: TPAMI views (3x3 grid of 64³), Swin-B, bf16, gradient checkpointing, user data.
     "gpu": Profile(
         "gpu", PRESETS["tpami"], feature_size=48, batch_size=2, n_volumes=0, steps=100_000,
         train=TrainConfig(amp="bf16", grad_checkpoint=True, warmup_steps=5000, checkpoint_every=2000,
-                          eval_every=2000, log_every=50, workers=8),
+                          eval_every=2000, log_every=50),
+        data=DataConfig(workers=8),
+        finetune=FinetuneConfig(amp="bf16"),
     ),
     # The authors' TPAMI recipe (spec §5.1): 2 volumes per GPU x 8 GPUs (torchrun --nproc_per_node=8),
     # AdamW lr 1e-4 amsgrad wd 0.01, 5,000 warmup steps, 2,000,000 steps (their default), fp16 AMP with a
@@ -207,28 +317,34 @@ PROFILES: dict[str, Profile] = {
     "paper": Profile(
         "paper", PRESETS["tpami"], feature_size=48, batch_size=2, n_volumes=0, steps=2_000_000,
         train=TrainConfig(amp="fp16", grad_checkpoint=True, warmup_steps=5000, checkpoint_every=20_000,
-                          eval_every=20_000, log_every=100, workers=16),
+                          eval_every=20_000, log_every=100),
+        data=DataConfig(workers=16),
+        finetune=FinetuneConfig(amp="fp16"),
     ),
 }
 
-
-# Fine-tuning per profile (voco_lib.tasks), set here so each module edits its own lines. smoke/cpu are sized
-# for the phantom tasks: 64x64x32 volumes, 32³ crops/windows/inputs (the pre-training's crop size);
-# gpu/paper keep the authors' recipe from the task manifest.
-_FINETUNE = {
-    "smoke": FinetuneConfig(steps=4, batch_size=1, roi=(32, 32, 32), eval_every=2, n_train=2, n_val=2,
-                            sw_overlap=0.25, checkpoint_every=2, log_every=1),
-    "cpu": FinetuneConfig(steps=80, batch_size=2, roi=(32, 32, 32), eval_every=20, n_train=8, n_val=4,
-                          sw_overlap=0.25, checkpoint_every=40, log_every=5),
-    "gpu": FinetuneConfig(amp="bf16"),
-    "paper": FinetuneConfig(amp="fp16"),
+# `method=cvpr` expands to these overrides (spec §2.6, §3.8): full-network EMA, 2048-wide head without the
+# embedding dropout, the CVPR loss; on the profiles with real data (`CVPR_VIEWS_ON`) also the CVPR views
+# (4x4 grid of 96³ -> 64³), which the phantom profiles cannot afford. `method=tpami` is the default.
+METHODS: dict[str, dict[str, str]] = {
+    "tpami": {},
+    "cvpr": {"loss.variant": "cvpr", "train.ema_scope": "full", "train.sync_bn": "true", "heads.dropout_p": "0",
+             "heads.hidden_dim": "2048", "heads.out_dim": "2048"},
 }
-PROFILES = {k: replace(p, finetune=_FINETUNE.get(k, p.finetune)) for k, p in PROFILES.items()}
+CVPR_VIEWS_ON = ("gpu", "paper")
 
 
 def profile_name(requested: str | None = None) -> str:
-    """`VOCO_PROFILE` (CI sets `smoke`) wins over the requested profile."""
-    name = os.environ.get("VOCO_PROFILE") or requested or "cpu"
+    """The requested profile; when none is given, `VOCO_PROFILE` (said on stderr) or else `cpu`.
+
+    An explicit profile always wins, so CI's `VOCO_PROFILE=smoke` cannot change what a caller asked for,
+    nor a finished run that is reloaded with its stored profile."""
+    name = requested
+    if name is None:
+        name = os.environ.get("VOCO_PROFILE") or None
+        if name is not None:
+            print(f"voco: profile {name} from VOCO_PROFILE (no profile given)", file=sys.stderr)
+    name = name or "cpu"
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
     return name
@@ -251,19 +367,25 @@ def _coerce(value: str, current: Any, hint: str = "") -> Any:
     return kind(value) if kind in (int, float) else value
 
 
-def override(obj: Any, assignments: dict[str, str] | list[str], _prefix: str = "") -> Any:
+def _pairs(assignments: dict[str, Any] | Sequence[str]) -> dict[str, Any]:
+    """`["a.b=1", ...]` as `{"a.b": "1"}` (a dict passes through); later assignments of a key win."""
+    if isinstance(assignments, dict):
+        return dict(assignments)
+    pairs = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        pairs[k.strip()] = v.strip()
+    return pairs
+
+
+def override(obj: Any, assignments: dict[str, Any] | Sequence[str], _prefix: str = "") -> Any:
     """Apply `a.b=value` overrides to nested frozen dataclasses, with typed coercion (no truthy strings).
 
     All assignments to one section are applied together, so the section is validated once, in its final
     state (`views.grid=3x3x1 views.region=...` works in either order)."""
-    if isinstance(assignments, list):
-        pairs = {}
-        for item in assignments:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not of the form key=value")
-            k, v = item.split("=", 1)
-            pairs[k.strip()] = v.strip()
-        assignments = pairs
+    assignments = _pairs(assignments)
     names = {f.name for f in dataclasses.fields(obj)}
     changes: dict[str, Any] = {}
     nested: dict[str, dict[str, str]] = {}
@@ -281,9 +403,19 @@ def override(obj: Any, assignments: dict[str, str] | list[str], _prefix: str = "
     return replace(obj, **changes) if changes else obj
 
 
-def resolve(profile: str | None = None, overrides: dict[str, str] | list[str] | None = None) -> Profile:
-    """The one config path: named profile (or `VOCO_PROFILE`) plus overrides."""
-    return override(PROFILES[profile_name(profile)], overrides or {})
+def resolve(profile: str | None = None, overrides: dict[str, Any] | Sequence[str] | None = None) -> Profile:
+    """The one config path: a named profile (None: see `profile_name`) plus overrides.
+
+    `method=tpami|cvpr` among the overrides expands to `METHODS[method]` (plus the CVPR views on
+    `CVPR_VIEWS_ON`) before the other overrides, so an explicit key still beats the method's."""
+    items = _pairs(overrides or {})
+    method = str(items.pop("method", "tpami")).strip().lower()
+    if method not in METHODS:
+        raise ValueError(f"unknown method={method!r}; choose one of {sorted(METHODS)}")
+    base = PROFILES[profile_name(profile)]
+    if method == "cvpr" and base.name in CVPR_VIEWS_ON:
+        base = replace(base, views=PRESETS["cvpr"])
+    return override(base, {**METHODS[method], **items})
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -302,7 +434,7 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
 
     d = dict(d)
     sections = {"views": ViewConfig, "loss": LossConfig, "heads": HeadConfig, "train": TrainConfig,
-                "finetune": FinetuneConfig}
+                "data": DataConfig, "finetune": FinetuneConfig}
     for k, cls in sections.items():
         if isinstance(d.get(k), dict):
             d[k] = build(cls, d[k])

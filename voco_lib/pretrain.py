@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import random
@@ -40,36 +39,7 @@ from voco_lib.files import atomic_write, write_text
 from voco_lib.heads import EMATeacher, EmbeddingDropout, ProjectionHead, VoCoHeads
 from voco_lib.losses import similarity, voco_loss
 
-# `method=cvpr` expands to these overrides (spec §2.6, §3.8): full-network EMA, 2048-wide head without the
-# embedding dropout, the CVPR loss; on the gpu/paper profiles also the CVPR views (4x4 grid of 96³ -> 64³).
-METHODS: dict[str, list[str]] = {
-    "tpami": [],
-    "cvpr": ["loss.variant=cvpr", "train.ema_scope=full", "train.sync_bn=true", "heads.dropout_p=0",
-             "heads.hidden_dim=2048", "heads.out_dim=2048"],
-}
 PERF_KEY = "perf"  # the only non-deterministic field of a metrics.jsonl line (timing, throughput, memory)
-
-
-# ------------------------------------------------------------------------------------------------ config
-def build_config(profile: str | None = None, overrides: Sequence[str] | dict[str, str] | None = None) -> Profile:
-    """`resolve` plus the `method=tpami|cvpr` shorthand (expanded before the other overrides)."""
-    items = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides or [])
-    method = [i for i in items if i.split("=", 1)[0].strip() == "method"]
-    rest = [i for i in items if i not in method]
-    expanded: list[str] = []
-    for m in method:
-        name = m.split("=", 1)[1].strip().lower()
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-        expanded += METHODS[name]
-    cfg = resolve(profile, expanded)
-    if any(m.split("=", 1)[1].strip().lower() == "cvpr" for m in method) and cfg.name in ("gpu", "paper"):
-        from voco_lib.config import PRESETS
-
-        cfg = dataclasses.replace(cfg, views=PRESETS["cvpr"])
-    from voco_lib.config import override
-
-    return override(cfg, rest)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -428,7 +398,7 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "off" else contextlib.nullcontext())
-    loader = make_loader(dataset, order, t.workers, pin_memory=rt.device.type == "cuda")
+    loader = make_loader(dataset, order, cfg.data.workers, pin_memory=rt.device.type == "cuda")
     batches = iter(loader)
     model.train()
     if start == 0:
@@ -509,11 +479,11 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, show_p
 
 
 # ------------------------------------------------------------------------------------------------ API
-def run_pretraining(profile: str | None = "cpu", data: str = "phantom", out: str | Path = "runs/pretrain",
+def run_pretraining(profile: str | None = None, data: str = "phantom", out: str | Path = "runs/pretrain",
                     overrides: Sequence[str] | dict[str, str] | None = None, resume: bool = False,
                     show_progress: bool = True) -> Path:
     """The notebooks' entry point: resolve the profile (+ overrides, `method=cvpr`), train, return the run dir."""
-    return train(build_config(profile, overrides), data, out, resume=resume, show_progress=show_progress)
+    return train(resolve(profile, overrides), data, out, resume=resume, show_progress=show_progress)
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu") -> VoCoModel:

@@ -109,11 +109,11 @@ def build_volumes(data: str, cfg: Profile) -> tuple[object, object]:
     Held-out volumes: phantoms with seeds from EVAL_SEED_OFFSET; for a datalist its `validation` split,
     or else its last `n_eval` training entries (removed from training when at least two remain).
     """
-    t = cfg.train
+    d, seed = cfg.data, cfg.train.seed
     if data == "phantom":
-        train = PhantomVolumes(range(t.seed, t.seed + cfg.n_volumes), t.phantom_shape, t.chain, t.phantom_spacing)
-        held = PhantomVolumes(range(EVAL_SEED_OFFSET + t.seed, EVAL_SEED_OFFSET + t.seed + t.n_eval),
-                              t.phantom_shape, t.chain, t.phantom_spacing)
+        train = PhantomVolumes(range(seed, seed + cfg.n_volumes), d.phantom_shape, d.chain, d.phantom_spacing)
+        held = PhantomVolumes(range(EVAL_SEED_OFFSET + seed, EVAL_SEED_OFFSET + seed + d.n_eval),
+                              d.phantom_shape, d.chain, d.phantom_spacing)
         return train, held
     if data == "samples":
         from voco_lib.data.fetch import fetch_samples
@@ -122,17 +122,17 @@ def build_volumes(data: str, cfg: Profile) -> tuple[object, object]:
     path = Path(data)
     if not path.is_file():
         raise FileNotFoundError(f"--data {data}: no such datalist; pass 'phantom', 'samples' or an MSD-style JSON file")
-    cache = t.cache_dir or default_cache_dir()
+    cache = d.cache_dir or default_cache_dir()
     paths = _datalist_paths(path, "training")
-    held_paths = _datalist_paths(path, "validation")[: t.n_eval]
+    held_paths = _datalist_paths(path, "validation")[: d.n_eval]
     if not held_paths:
-        if len(paths) - t.n_eval >= 2:
-            paths, held_paths = paths[: -t.n_eval], paths[-t.n_eval:]
+        if len(paths) - d.n_eval >= 2:
+            paths, held_paths = paths[: -d.n_eval], paths[-d.n_eval:]
         else:  # too few volumes to spare: evaluate on (fixed, separately drawn) views of training volumes
-            held_paths = paths[: t.n_eval]
+            held_paths = paths[: d.n_eval]
     if not paths:
         raise ValueError(f"{path}: the 'training' list is empty; add volumes to it")
-    return CachedVolumes(paths, t.chain, cache), CachedVolumes(held_paths, t.chain, cache)
+    return CachedVolumes(paths, d.chain, cache), CachedVolumes(held_paths, d.chain, cache)
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -153,7 +153,7 @@ class ViewsDataset(Dataset):
 
 
 def region_mode_of(cfg: Profile) -> str:
-    return cfg.train.region_mode or get_chain(cfg.train.chain).region_mode
+    return cfg.data.region_mode or get_chain(cfg.data.chain).region_mode
 
 
 def held_out_views(volumes, cfg: Profile, per_volume: int = 4) -> list[Views]:

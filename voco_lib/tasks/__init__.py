@@ -28,7 +28,7 @@ def runner_class(task_type: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def finetune(task: str | Task, init: str | Path | None = "scratch", profile: str | None = "cpu",
+def finetune(task: str | Task, init: str | Path | None = "scratch", profile: str | None = None,
              n_labeled: int | None = None, seed: int = 0, out: str | Path | None = None,
              overrides: Sequence[str] | dict[str, str] | None = None, resume: bool = False,
              datalist: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:

@@ -253,7 +253,7 @@ def _forward_through(runner: Runner, wrapper: nn.Module):
         runner.model = bare
 
 
-def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "scratch", profile: str | None = "cpu",
+def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "scratch", profile: str | None = None,
         n_labeled: int | None = None, seed: int = 0, out: str | Path | None = None,
         overrides: Sequence[str] | dict[str, str] | None = None, resume: bool = False, datalist: str | None = None,
         show_progress: bool = True) -> dict[str, Any]:
