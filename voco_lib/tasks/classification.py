@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from voco_lib.tasks.data import (Sample, labelled_datalist, phantom_samples, phantom_seeds, random_flips, resize_to,
-                                 stack)
+from voco_lib.tasks.data import (Sample, labelled_count, labelled_datalist, phantom_samples, phantom_seeds,
+                                 random_flips, resize_to, stack)
 from voco_lib.tasks.engine import Context, Runner
 from voco_lib.tasks.metrics import accuracy, auc
 
@@ -36,7 +36,7 @@ class EncoderClassifier(nn.Module):
 
 def phantom_targets(task, samples: list[Sample], reference: list[Sample] | None = None) -> list[int]:
     """Targets of phantom samples: lesion present, or organ volume above the reference cohort's median."""
-    target = task.phantom.get("target", "lesion_present")
+    target = task.phantom.target
     if target == "lesion_present":
         return [int(s["attributes"]["lesion"] is not None) for s in samples]
     if target.startswith("organ_enlarged:"):
@@ -49,7 +49,7 @@ def phantom_targets(task, samples: list[Sample], reference: list[Sample] | None 
 
 def _phantom_split(ctx: Context, split: str, n: int) -> list[Sample]:
     seeds = phantom_seeds(ctx.task, split, n, ctx.seed)
-    forced = [i % 2 == 0 for i in range(n)] if ctx.task.phantom.get("target", "lesion_present") == "lesion_present" else None
+    forced = [i % 2 == 0 for i in range(n)] if ctx.task.phantom.target == "lesion_present" else None
     return phantom_samples(ctx.task, seeds, labels=False, lesion=forced)
 
 
@@ -60,7 +60,7 @@ class ClassificationRunner(Runner):
         super().__init__(ctx)
         task, fc = ctx.task, ctx.fc
         if task.is_phantom:
-            train = _phantom_split(ctx, "training", ctx.n_labeled or fc.n_train)
+            train = _phantom_split(ctx, "training", labelled_count(ctx, fc.n_train))
             val = _phantom_split(ctx, "validation", fc.n_val)
             ys, yv = phantom_targets(task, train), phantom_targets(task, val, reference=train)
         else:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from voco_lib.data.manifests import require_fields
 from voco_lib.data.preprocess import Chain, get_chain, preprocess, preprocess_array
 from voco_lib.data.volumes import VolumeError
 from voco_lib.tasks.registry import Task
@@ -28,7 +29,7 @@ VAL_SEED_OFFSET = 50_000  # phantom validation seeds start here (after the task'
 def task_chain(task: Task, roi: Sequence[int]) -> Chain:
     """The deterministic preprocessing of `task` (for phantoms: the pre-training chain at the phantom's spacing)."""
     if task.is_phantom:
-        sp = float(task.phantom["spacing"])
+        sp = task.phantom.spacing
         return dataclasses.replace(get_chain("abdomen"), name=f"task:{task.name}", spacing=(sp, sp, sp))
     inten = task.intensity or {"kind": "mri_zscore" if task.modality == "MRI" else "hu_window"}
     if inten["kind"] == "mri_zscore":
@@ -58,7 +59,7 @@ def _remap_phantom_labels(label: np.ndarray, task: Task, attributes: dict[str, A
 
     ids = class_ids()
     lut = np.zeros(256, np.uint8)
-    organs = task.phantom.get("organs") or [c for c in (task.classes or [])[1:]]
+    organs = list(task.phantom.organs or (task.classes or ())[1:])
     for k, organ in enumerate(organs, start=1):
         if organ not in ids:
             raise ValueError(f"task {task.name}: phantom organ {organ!r} is not in data_manifests/phantom_classes.yaml")
@@ -79,15 +80,15 @@ def phantom_samples(task: Task, seeds: Sequence[int], labels: bool = True,
     chain = task_chain(task, roi)
     out = []
     for i, s in enumerate(seeds):
-        subj = make_phantom_subject(int(s), tuple(ph["shape"]), float(ph["spacing"]),
+        subj = make_phantom_subject(int(s), ph.shape, ph.spacing,
                                     lesion=None if lesion is None else lesion[i])
         lab = _remap_phantom_labels(subj.label, task, subj.attributes) if labels else None
         d = preprocess_array(subj.image, subj.affine, chain, label=lab, name=f"phantom {s}")
         sample: Sample = {"image": d["image"].as_tensor().float(), "name": f"phantom-{s}", "seed": int(s),
                           "attributes": subj.attributes,
                           "label": d["label"].as_tensor().round().long() if labels else None}
-        if ph.get("resize_to_roi"):
-            sample["spacing"] = tuple(float(ph["spacing"]) * n / r for n, r in zip(sample["image"].shape[1:], roi))
+        if ph.resize_to_roi:
+            sample["spacing"] = tuple(ph.spacing * n / r for n, r in zip(sample["image"].shape[1:], roi))
             sample = resize_to(sample, roi)
         out.append(sample)
     return out
@@ -95,7 +96,7 @@ def phantom_samples(task: Task, seeds: Sequence[int], labels: bool = True,
 
 def phantom_seeds(task: Task, split: str, n: int, seed: int = 0) -> list[int]:
     """Seeds of a phantom split: training from the task's offset (shifted by the run seed's pool), validation disjoint."""
-    base = int(task.phantom.get("seed_offset", 0))
+    base = task.phantom.seed_offset
     start = base + VAL_SEED_OFFSET if split == "validation" else base + 1000 * int(seed)
     return list(range(start, start + n))
 
@@ -127,18 +128,32 @@ def datalist_samples(task: Task, datalist: str | Path, split: str, roi: Sequence
     return out
 
 
+def labelled_count(ctx: Any, pool: int | None = None) -> int | None:
+    """The run's `--n-labeled K`, or `pool` when it is not given (phantoms: finetune.n_train; a datalist: None,
+    every volume). K < 1 is refused: it would train on nothing, or (read as "not given") on the whole pool."""
+    k = ctx.n_labeled
+    if k is None:
+        return pool
+    if k < 1:
+        raise ValueError(f"--n-labeled must be ≥ 1, got {k}; pass e.g. --n-labeled 1, or leave it out to train on "
+                         "every labelled volume")
+    return k
+
+
 def labelled_datalist(ctx: Any, keys: Sequence[str] = ("image", "label"), field: str | None = None,
                       valid: Callable[[Any], bool] | None = None, what: str = "") -> tuple[list[Sample], list[Sample]]:
     """(training, validation) samples of a real datalist, the training split cut to the first `--n-labeled`
     entries. keys: the files each entry must have; field (image-level tasks): an entry value every sample
     must carry, checked by `valid` and described as `what` in the error. ctx: the run's `engine.Context`."""
     task, dl = ctx.task, ctx.datalist
+    require_fields(dl, keys)  # before any volume is read: names the datalist, entry and key
     train = datalist_samples(task, dl, "training", ctx.roi, keys=keys)
     val = datalist_samples(task, dl, "validation", ctx.roi, keys=keys)
-    if ctx.n_labeled:
-        if ctx.n_labeled > len(train):
-            raise ValueError(f"--n-labeled {ctx.n_labeled} but {dl} lists only {len(train)} training volumes")
-        train = train[: ctx.n_labeled]
+    k = labelled_count(ctx)
+    if k is not None:
+        if k > len(train):
+            raise ValueError(f"--n-labeled {k} but {dl} lists only {len(train)} training volumes")
+        train = train[:k]
     if field is not None:
         for s in train + val:
             if not valid(s.get(field)):
@@ -168,7 +183,14 @@ def check_channels(task: Task, n: int, image: str | Sequence[str], datalist: str
 
 
 def remap_labels(task: Task, label: torch.Tensor, path: str | Path) -> torch.Tensor:
-    """Raw label values -> class indices by the task's `label_remap` (e.g. BraTS 4 -> 3), checked to be < K."""
+    """Raw label values -> class indices by the task's `label_remap` (e.g. BraTS 4 -> 3), checked to be in 0..K-1.
+
+    Negative values are refused first: as indices they would silently wrap around (the remap table, the loss)."""
+    if label.numel() and int(label.min()) < 0:
+        bad = sorted(int(v) for v in torch.unique(label) if v < 0)
+        raise VolumeError(path, f"holds negative label value(s) {bad}; class indices start at 0 (background)",
+                          f"relabel the file with classes 0..{(task.num_classes or 2) - 1}, or check that this is "
+                          f"the label map of task {task.name}")
     remap = task.label_remap
     if remap:
         lut = torch.arange(max(int(label.max()), *remap) + 1)

@@ -67,7 +67,7 @@ class Context:
 
     @property
     def lr(self) -> float:
-        return float(self.fc.lr or self.task.recipe.get("lr") or 3e-4)
+        return float(self.fc.lr or self.task.lr)
 
     @property
     def global_batch(self) -> int:
@@ -306,9 +306,8 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
     if init_path is not None:
         min_cov = fc.min_coverage if task.in_channels == 1 else min(fc.min_coverage, 0.9)
         coverage = load_init(runner.init_target(), init_path, min_cov)
-    epochs = task.recipe.get("epochs")
-    steps = fc.steps if fc.steps is not None else int((epochs or 100) * runner.n_train)
-    warmup = fc.warmup_steps if fc.warmup_steps is not None else int((task.recipe.get("warmup_epochs") or 0) * runner.n_train)
+    steps = fc.steps if fc.steps is not None else task.epochs * runner.n_train
+    warmup = fc.warmup_steps if fc.warmup_steps is not None else task.warmup_epochs * runner.n_train
     eval_every = fc.eval_every or max(1, 10 * runner.n_train)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ctx.lr, weight_decay=fc.weight_decay)

@@ -19,7 +19,7 @@ from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import Warp
 from torch import nn
 
-from voco_lib.tasks.data import Sample, datalist_samples, phantom_samples, phantom_seeds, resize_to
+from voco_lib.tasks.data import Sample, datalist_samples, labelled_count, phantom_samples, phantom_seeds, resize_to
 from voco_lib.tasks.engine import Context, Runner
 from voco_lib.tasks.metrics import dice_per_class, folding_fraction
 
@@ -45,8 +45,8 @@ class RegistrationRunner(Runner):
         task, fc = ctx.task, ctx.fc
         self.warp, self.warp_nn = Warp(mode="bilinear", padding_mode="border"), Warp(mode="nearest", padding_mode="border")
         if task.is_phantom:
-            n_tr, n_val = ctx.n_labeled or fc.n_train, fc.n_val
-            mode = task.phantom.get("pairs", "inter")
+            n_tr, n_val = labelled_count(ctx, fc.n_train), fc.n_val
+            mode = task.phantom.pairs
             tr = phantom_samples(task, phantom_seeds(task, "training", 2 * n_tr if mode == "inter" else n_tr, ctx.seed))
             va = phantom_samples(task, phantom_seeds(task, "validation", 2 * n_val if mode == "inter" else n_val))
             tr, va = ([resize_to(s, ctx.roi) for s in x] for x in (tr, va))
@@ -59,8 +59,7 @@ class RegistrationRunner(Runner):
             tr = [resize_to(s, ctx.roi) for s in datalist_samples(task, ctx.datalist, "training", ctx.roi)]
             va = [resize_to(s, ctx.roi) for s in datalist_samples(task, ctx.datalist, "validation", ctx.roi)]
             self.train, self.val = _pairs(tr), _pairs(va)
-            if ctx.n_labeled:
-                self.train = self.train[: ctx.n_labeled]
+            self.train = self.train[: labelled_count(ctx)]
         if not self.train or not self.val:
             raise ValueError(f"task {task.name}: registration needs at least one training and one validation pair")
         self.n_train = len(self.train)
@@ -71,9 +70,8 @@ class RegistrationRunner(Runner):
         self.model = build_swinunetr(ctx.feature_size, out_channels=3, in_channels=2, small_crop=ctx.small_crop)
         nn.init.normal_(self.model.out.conv.conv.weight, std=1e-5)  # start at (nearly) the identity transform
         nn.init.zeros_(self.model.out.conv.conv.bias)
-        sim = task.recipe.get("similarity") or ("lncc" if task.modality == "MRI" else "mse")
-        self.similarity = LocalNormalizedCrossCorrelationLoss(kernel_size=5) if sim == "lncc" else nn.MSELoss()
-        self.smooth, self.smooth_weight = DiffusionLoss(), float(task.recipe.get("smoothness_weight", 1.0))
+        self.similarity = LocalNormalizedCrossCorrelationLoss(kernel_size=5) if task.similarity == "lncc" else nn.MSELoss()
+        self.smooth, self.smooth_weight = DiffusionLoss(), task.smoothness_weight
 
     def _deformed_copy(self, s: Sample, key: int) -> Pair:
         """(moving, fixed): the patient warped by a random smooth field, and the patient."""

@@ -21,9 +21,30 @@ KIND = "tasks"  # data_manifests/tasks/<name>.yaml, schema data_manifests/schema
 TYPES = ("segmentation", "classification", "registration", "vision_language")
 
 
+Triple = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    """The `phantom` section of a phantom analog task (`voco_lib.data.phantom`), its defaults applied."""
+
+    shape: Triple  # voxels of the generated patient
+    spacing: float  # mm
+    resize_to_roi: bool = False  # whole preprocessed volume resized to the roi (as the cpu/smoke pre-training)
+    organs: tuple[str, ...] = ()  # phantom classes kept as labels (others -> background); (): the task's classes
+    target: str = "lesion_present"  # classification: lesion_present | organ_enlarged:<organ>
+    pairs: str = "inter"  # registration: "inter" (two patients) | "intra" (a patient and a deformed copy)
+    seed_offset: int = 0  # first training seed, so that tasks do not share patients
+
+
 @dataclass(frozen=True)
 class Task:
-    """One downstream task, as its manifest says. `raw` keeps the whole manifest for provenance."""
+    """One downstream task, as its manifest says, with the manifest's defaults resolved here and only here.
+
+    The `recipe` values are the authors' fine-tuning settings; where a manifest leaves one out (null), the
+    default below stands in: lr 3e-4 (upstream's fine-tuning lr, spec §7.2), 100 epochs, no warmup.
+    `raw` keeps the whole manifest for provenance (results.json) and the nnU-Net export.
+    """
 
     name: str
     title: str
@@ -31,31 +52,27 @@ class Task:
     modality: str
     dataset: str
     in_channels: int
-    roi: tuple[int, int, int]
+    roi: Triple
     spacing: tuple[float, float, float] | None
     intensity: dict[str, Any] | None
     metric: str
     classes: tuple[str, ...] | None = None
     num_classes: int | None = None
-    recipe: dict[str, Any] = field(default_factory=dict)
+    lr: float = 3e-4  # recipe.lr
+    epochs: int = 100  # recipe.epochs; steps = epochs x training volumes unless finetune.steps says otherwise
+    warmup_epochs: int = 0  # recipe.warmup_epochs
+    similarity: str = "mse"  # registration (recipe.similarity): "lncc" | "mse"; unset: lncc for MRI, mse for CT
+    smoothness_weight: float = 1.0  # registration (recipe.smoothness_weight): weight of the diffusion regulariser
+    engine: str = "monai"  # the authors' training path: "monai" (our loop) or "nnunet" (export: tasks.nnunet)
+    label_remap: dict[int, int] = field(default_factory=dict)  # raw label value -> class index (BraTS 4 -> 3)
     split: dict[str, Any] = field(default_factory=dict)
     paper_numbers: dict[str, Any] | None = None
-    phantom: dict[str, Any] | None = None
+    phantom: PhantomSpec | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_phantom(self) -> bool:
         return self.dataset == "phantom"
-
-    @property
-    def engine(self) -> str:
-        """The authors' training path: "monai" (our SwinUNETR loop) or "nnunet" (export: voco_lib.tasks.nnunet)."""
-        return str(self.raw.get("engine", "monai"))
-
-    @property
-    def label_remap(self) -> dict[int, int]:
-        """Raw label value -> class index from the manifest's `label_remap` (e.g. BraTS 4 -> 3); {} when none."""
-        return {int(k): int(v) for k, v in (self.raw.get("label_remap") or {}).items()}
 
     @property
     def out_channels(self) -> int:
@@ -91,17 +108,40 @@ def validate_manifest(data: Any, path: Path | str = "<task>") -> None:
         raise ValueError(f"{path}: a phantom task needs a 'phantom' section (shape, spacing, ...)")
 
 
+def _phantom_spec(section: dict[str, Any] | None, path: Path | str) -> PhantomSpec | None:
+    if section is None:
+        return None
+    missing = [k for k in ("shape", "spacing") if k not in section]
+    if missing:
+        raise ValueError(f"{path}: the phantom section needs {missing} (voxels, mm); add them")
+    return PhantomSpec(shape=tuple(int(v) for v in section["shape"]),  # type: ignore[arg-type]
+                       spacing=float(section["spacing"]), resize_to_roi=bool(section.get("resize_to_roi", False)),
+                       organs=tuple(section.get("organs") or ()), target=str(section.get("target", "lesion_present")),
+                       pairs=str(section.get("pairs", "inter")), seed_offset=int(section.get("seed_offset", 0)))
+
+
 def task_from_dict(data: dict[str, Any], path: Path | str = "<task>") -> Task:
+    """A validated manifest as a Task: every optional value typed and defaulted once, here."""
     validate_manifest(data, path)
-    sp = data.get("spacing")
+    sp, recipe = data.get("spacing"), data.get("recipe") or {}
+
+    def given(key: str, default: Any) -> Any:  # null in a manifest means "not known": the default
+        return default if recipe.get(key) is None else recipe[key]
+
     return Task(
         name=data["name"], title=data["title"], type=data["type"], modality=data["modality"], dataset=data["dataset"],
         in_channels=int(data["in_channels"]), roi=tuple(int(v) for v in data["roi"]),  # type: ignore[arg-type]
         spacing=None if sp is None else tuple(float(v) for v in sp),  # type: ignore[arg-type]
         intensity=data.get("intensity"), metric=data["metric"],
         classes=None if data.get("classes") is None else tuple(data["classes"]), num_classes=data.get("num_classes"),
-        recipe=dict(data.get("recipe") or {}), split=dict(data.get("split") or {}),
-        paper_numbers=data.get("paper_numbers"), phantom=data.get("phantom"), raw=data,
+        lr=float(given("lr", Task.lr)), epochs=int(given("epochs", Task.epochs)),
+        warmup_epochs=int(given("warmup_epochs", Task.warmup_epochs)),
+        similarity=str(given("similarity", "lncc" if data["modality"] == "MRI" else "mse")),
+        smoothness_weight=float(given("smoothness_weight", Task.smoothness_weight)),
+        engine=str(data.get("engine", Task.engine)),
+        label_remap={int(k): int(v) for k, v in (data.get("label_remap") or {}).items()},
+        split=dict(data.get("split") or {}), paper_numbers=data.get("paper_numbers"),
+        phantom=_phantom_spec(data.get("phantom"), path), raw=data,
     )
 
 

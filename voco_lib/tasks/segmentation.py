@@ -15,8 +15,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
-from voco_lib.tasks.data import (Sample, labelled_datalist, phantom_samples, phantom_seeds, random_crop_start,
-                                 random_flips)
+from voco_lib.tasks.data import (Sample, labelled_count, labelled_datalist, phantom_samples, phantom_seeds,
+                                 random_crop_start, random_flips)
 from voco_lib.tasks.engine import Context, Runner
 from voco_lib.tasks.metrics import dice_per_class, hd95_per_class
 
@@ -25,7 +25,7 @@ def labelled_split(ctx: Context) -> tuple[list[Sample], list[Sample]]:
     """(training, validation) samples with labels; training cut to `n_labeled` when given."""
     task, fc = ctx.task, ctx.fc
     if task.is_phantom:
-        n = ctx.n_labeled or fc.n_train
+        n = labelled_count(ctx, fc.n_train)
         train = phantom_samples(task, phantom_seeds(task, "training", n, ctx.seed))
         val = phantom_samples(task, phantom_seeds(task, "validation", fc.n_val))
         return train, val

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voco_lib.tasks.data import Sample, labelled_datalist, phantom_samples, phantom_seeds, random_flips, resize_to, stack
+from voco_lib.tasks.data import (Sample, labelled_count, labelled_datalist, phantom_samples, phantom_seeds,
+                                 random_flips, resize_to, stack)
 from voco_lib.tasks.engine import Context, Runner
 from voco_lib.tasks.metrics import bleu, multilabel_metrics, recall_at_k, rouge_l
 from voco_lib.tasks.registry import Task
@@ -279,7 +280,7 @@ class VisionLanguageRunner(Runner):
         task, fc = ctx.task, ctx.fc
         self.settings = st = vl_settings(task)
         if task.is_phantom:
-            train = phantom_samples(task, phantom_seeds(task, "training", ctx.n_labeled or fc.n_train, ctx.seed), labels=False)
+            train = phantom_samples(task, phantom_seeds(task, "training", labelled_count(ctx, fc.n_train), ctx.seed), labels=False)
             val = phantom_samples(task, phantom_seeds(task, "validation", fc.n_val), labels=False)
             th = size_thresholds([s["attributes"] for s in train])
             for s in train + val:
