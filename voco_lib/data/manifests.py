@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import yaml
 
@@ -46,18 +46,38 @@ def manifests_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- datalists
-def _entry_paths(entry: dict[str, Any], root: Path, where: str) -> dict[str, Any]:
-    """Copy of one datalist entry with `images` renamed to `image` and path fields made absolute under `root`."""
+def _json_type(v: Any) -> str:
+    """The JSON name of a parsed value's type, for messages about a datalist."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if v is None else names.get(type(v), type(v).__name__)
+
+
+def _check_entry(entry: Any, where: str, require: Sequence[str]) -> dict[str, Any]:
+    """Copy of one datalist entry with `images` renamed to `image`, checked: an object that has every key of
+    `require`, each path field a string or a non-empty list of strings. `where` names file, split and index."""
     if not isinstance(entry, dict):
-        raise ManifestError(f"{where}: an entry is {type(entry).__name__}, not an object; "
+        raise ManifestError(f"{where} is {_json_type(entry)} ({json.dumps(entry)[:80]}), not an object — "
                             'write entries as {"image": "path", "label": "path"}')
     out = dict(entry)
     if "images" in out:
         if "image" in out:
-            raise ManifestError(f"{where}: an entry has both 'image' and 'images'; keep only 'image'")
+            raise ManifestError(f"{where} has both 'image' and 'images' — keep only 'image'")
         out["image"] = out.pop("images")
-    if "image" not in out:
-        raise ManifestError(f"{where}: entry {entry} has no 'image' field; add the image path")
+    for k in require:
+        if k not in out:
+            raise ManifestError(f"{where} has no '{k}' field (keys: {sorted(out)}) — add the {k} file's path"
+                                + (", or drop the entry" if k != "image" else ""))
+    for k in (k for k in PATH_KEYS if k in out):
+        v = out[k]
+        if not (isinstance(v, str) and v or isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)):
+            raise ManifestError(f"{where}: '{k}' is {json.dumps(v)}, not a file path — write the path as a string "
+                                '(e.g. "imagesTr/case_001.nii.gz"), or a list of paths, one per channel')
+    return out
+
+
+def _absolute(entry: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Copy of a checked entry with its path fields made absolute under `root`."""
+    out = dict(entry)
     for k in PATH_KEYS:
         if k in out:
             v = out[k]
@@ -77,47 +97,80 @@ def _relative(entry: dict[str, Any], folder: Path) -> dict[str, Any]:
     return out
 
 
-def read_datalist(path: str | Path, split: str = "training", data_root: str | Path | None = None) -> list[dict[str, Any]]:
-    """Entries of one split of an MSD-style datalist, with absolute `image`/`label` paths.
-
-    Relative paths resolve against `data_root` if given; else against the JSON's folder, or `$VOCO_DATA_DIR`
-    when the files are there and not beside the JSON (the authors' lists live apart from their data).
-    Every listed file must exist (one error names all missing files and the datalist). A split absent from
-    the JSON raises KeyError (callers may treat an absent `validation` as empty).
-    """
+def datalist_file(path: str | Path) -> Path:
+    """`path` as a datalist file; a folder and a missing file each get a message that says what to pass instead."""
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder, not a datalist — --data (and datalist=) take phantom | samples | "
+                            "an MSD-style datalist JSON that lists the folder's scans (`voco phantom --out DIR` "
+                            "writes an example: DIR/dataset.json)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: datalist not found; create it (voco phantom / voco fetch samples) or fix the path")
+        raise FileNotFoundError(f"{path}: datalist not found — create it (voco phantom / voco fetch samples) or fix "
+                                "the path")
+    return path
+
+
+def _split(path: Path, split: str) -> list[Any]:
+    """The raw entry list of one split. The document must be a JSON object with a 'training' list; another split
+    that is absent raises KeyError (callers may treat an absent `validation` as empty)."""
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(datalist_file(path).read_text())
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON ({e}); fix the file or regenerate it") from e
+        raise ManifestError(f"{path}: not valid JSON ({e}) — fix the file or regenerate it") from e
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not a text file ({e}) — --data takes a datalist JSON, not a scan") from e
     if not isinstance(doc, dict):
-        raise ManifestError(f"{path}: top level is {type(doc).__name__}; an MSD datalist is an object with a 'training' list")
+        raise ManifestError(f"{path}: top level is {_json_type(doc)} — an MSD datalist is an object "
+                            '{"training": [{"image": ...}, ...], "validation": [...]}')
+    if "training" not in doc:
+        raise ManifestError(f"{path}: no 'training' list (keys: {sorted(doc)}) — an MSD datalist lists its volumes "
+                            'under "training" (and optionally "validation")')
     if split not in doc:
         lists = [k for k, v in doc.items() if isinstance(v, list)]
         raise KeyError(f"{path}: no '{split}' list (lists present: {lists})")
     raw = doc[split]
     if not isinstance(raw, list):
-        raise ManifestError(f"{path}: '{split}' is {type(raw).__name__}, not a list of entries")
+        raise ManifestError(f"{path}: '{split}' is {_json_type(raw)}, not a list of entries — write "
+                            f'"{split}": [{{"image": "path"}}, ...]')
+    return raw
+
+
+def require_fields(path: str | Path, keys: Sequence[str], splits: Sequence[str] = ("training", "validation")) -> None:
+    """Every entry of the `splits` present in datalist `path` has each of `keys` (e.g. a segmentation entry its
+    'label'), before any volume is read; else one ManifestError naming the file, split, entry index and key."""
+    path = Path(path)
+    for split in splits:
+        try:
+            raw = _split(path, split)
+        except KeyError:
+            continue
+        for i, e in enumerate(raw):
+            _check_entry(e, f"{path}: '{split}' entry {i}", keys)
+
+
+def read_datalist(path: str | Path, split: str = "training", data_root: str | Path | None = None,
+                  require: Sequence[str] = ("image",)) -> list[dict[str, Any]]:
+    """Entries of one split of an MSD-style datalist, each with the keys `require`, with absolute `image`/`label` paths.
+
+    Relative paths resolve against `data_root` if given; else against the JSON's folder, or `$VOCO_DATA_DIR`
+    when the files are there and not beside the JSON (the authors' lists live apart from their data).
+    Every listed file must exist (one error names all missing files, their entries and the datalist). A split
+    other than 'training' that is absent raises KeyError (callers may treat an absent `validation` as empty).
+    """
+    path = Path(path)
+    entries = [_check_entry(e, f"{path}: '{split}' entry {i}", require) for i, e in enumerate(_split(path, split))]
     if data_root is not None:
         roots = [Path(data_root)]
     else:
         roots = [path.parent] + ([data_dir()] if os.environ.get("VOCO_DATA_DIR") else [])
-    roots = [r.absolute() for r in roots]
-    where = f"{path} [{split}]"
-    for root in roots:
-        entries = [_entry_paths(e, root, where) for e in raw]
-        if all(os.path.isfile(p) for p in _listed(entries)):
-            return entries
+    for root in (r.absolute() for r in roots):
+        resolved = [_absolute(e, root) for e in entries]
+        if all(os.path.isfile(p) for e in resolved for k in PATH_KEYS if k in e
+               for p in (e[k] if isinstance(e[k], list) else [e[k]])):
+            return resolved
     # no root holds every file: report the missing ones under the primary root (data_root or the JSON's folder)
-    check_datalist_files([{"image": p} for p in _listed([_entry_paths(e, roots[0], where) for e in raw])], roots[0], path)
+    check_datalist_files(entries, roots[0].absolute(), path, split)
     raise AssertionError("unreachable: check_datalist_files found no missing file")  # pragma: no cover
-
-
-def _listed(entries: list[dict[str, Any]]) -> list[str]:
-    """Every path an entry list names (image and label; list values flattened)."""
-    return [p for e in entries for k in PATH_KEYS if k in e for p in (e[k] if isinstance(e[k], list) else [e[k]])]
 
 
 def write_datalist(path: str | Path, training: Iterable[dict[str, Any]], validation: Iterable[dict[str, Any]] | None = None,

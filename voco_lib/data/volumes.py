@@ -13,7 +13,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -223,11 +223,15 @@ def load_pair(image_path: ImageSource, label_path: str | Path, modality: str = "
     return image, label
 
 
-def check_datalist_files(entries: list[dict[str, str]], root: str | Path, datalist: str | Path = "datalist") -> None:
-    """Every `image`/`label` path of a datalist exists under `root`; else one error listing the missing ones."""
+def check_datalist_files(entries: list[dict[str, Any]], root: str | Path, datalist: str | Path = "datalist",
+                         split: str | None = None) -> None:
+    """Every `image`/`label` path (or list of paths) of the datalist's entries exists under `root`; else one error
+    naming each missing file with its entry index and key."""
     root = Path(root)
-    missing = [f"{e.get(k)}" for e in entries for k in ("image", "label") if k in e and not (root / e[k]).is_file()]
+    missing = [f"entry {i} '{k}' {p}" for i, e in enumerate(entries) for k in ("image", "label") if k in e
+               for p in (e[k] if isinstance(e[k], list) else [e[k]]) if not (root / p).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise VolumeError(datalist, f"lists {len(missing)} file(s) that do not exist under {root}: {shown}",
+        raise VolumeError(datalist, f"{f'{split!r} ' if split else ''}lists {len(missing)} file(s) that do not exist "
+                          f"under {root}: {shown}",
                           "fetch or copy the data there, set the data root (VOCO_DATA_DIR), or remove the entries")
