@@ -1,15 +1,34 @@
 """`voco` command line: demo | pretrain | finetune | nnunet | phantom | fetch | weights | tasks.
 
 Each subcommand parses its arguments here and hands them to one function in the module that owns the
-concept (imported lazily, so `voco --help` stays fast).
+concept (imported lazily, so `voco --help` stays fast). `main` turns every failure into one line on stderr,
+`voco CMD: error: WHAT — FIX`, because a traceback buries the file name and the fix a user needs; `--debug`
+(or VOCO_DEBUG=1) prints the traceback as well. Exit status: 2 for bad input or a failed download (errors
+the code anticipates), 1 for anything else (a bug: please report it), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from typing import Callable
+
+# Failures caused by the input or the environment, whose message names the file/key and the fix. Any other
+# exception is a bug. (json.JSONDecodeError is a ValueError; yaml.YAMLError is matched by name in `_describe`
+# so that importing the CLI does not import yaml.)
+ANTICIPATED = (ValueError, RuntimeError, OSError, KeyError)
+EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+# The fix for an OSError raised by the standard library (it names the file but not what to do).
+OS_FIXES = {
+    FileNotFoundError: "check the path",
+    IsADirectoryError: "pass a file, not a folder",
+    NotADirectoryError: "a part of the path is a file, not a folder; check the path",
+    PermissionError: "check the file's permissions, or write somewhere you may (e.g. another --out)",
+    FileExistsError: "choose another path, or move the existing one aside",
+}
 
 
 def _handler(target: str) -> Callable[[argparse.Namespace], int | None]:
@@ -21,8 +40,13 @@ def _handler(target: str) -> Callable[[argparse.Namespace], int | None]:
     return run
 
 
+OVERWRITE_HELP = "move a used --out aside (to OUT.old-N) and start a new run there"
+DEBUG_HELP = "on an error, print the Python traceback too (also: VOCO_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="voco", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("demo", help="run the demo notebooks (cpu profile) into a run directory and report")
@@ -35,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="phantom", help="phantom | samples | path to an MSD-style datalist JSON")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. steps=100 views.n_random=4)")
     s.set_defaults(func=_handler("voco_lib.pretrain:cli_pretrain"))
 
@@ -46,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-labeled", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--resume", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.add_argument("overrides", nargs="*")
     s.set_defaults(func=_handler("voco_lib.tasks:cli_finetune"))
 
@@ -82,7 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tasks", help="the downstream task registry")
     s.add_argument("action", choices=["list"])
     s.set_defaults(func=_handler("voco_lib.tasks.registry:cli_tasks"))
+    for s in sub.choices.values():  # `voco CMD ... --debug` too; SUPPRESS keeps a `voco --debug CMD` from being reset
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return p
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _describe(e: BaseException) -> tuple[str, int]:
+    """The error line after `voco CMD: error: ` and the exit status for exception `e`."""
+    if isinstance(e, OSError) and e.filename is not None:  # raised by open(), mkdir(), ... : name the file, add the fix
+        fix = next((f for t, f in OS_FIXES.items() if isinstance(e, t)), "check the path and the disk")
+        return f"{e.filename}: {e.strerror or type(e).__name__} — {fix}", EXIT_BAD_INPUT
+    if isinstance(e, KeyError):
+        key = e.args[0] if len(e.args) == 1 else e.args
+        if isinstance(key, str) and " " in key:  # our own KeyError, with a sentence naming the file
+            return _one_line(key), EXIT_BAD_INPUT
+        return (f"missing key {key!r} in the input (KeyError) — check the datalist / manifest / config entry that "
+                "should have it; rerun with --debug to see where it was read"), EXIT_BAD_INPUT
+    msg = _one_line(str(e)) or type(e).__name__
+    if isinstance(e, ANTICIPATED):
+        return msg, EXIT_BAD_INPUT
+    if type(e).__module__.split(".")[0] == "yaml":  # yaml.YAMLError: the message names the line
+        return f"not valid YAML ({msg}) — fix the file's syntax", EXIT_BAD_INPUT
+    return f"{type(e).__name__}: {msg} — rerun with --debug for the traceback (and please report it)", EXIT_BUG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,11 +143,21 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    debug = args.debug or os.environ.get("VOCO_DEBUG", "0") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"voco {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        again = "; --resume continues from the newest checkpoint" if getattr(args, "resume", None) is not None else ""
+        print(f"voco {args.command}: interrupted{again}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the one place that turns every failure into a line (see the docstring)
+        if debug:
+            traceback.print_exc()
+        line, status = _describe(e)
+        print(f"voco {args.command}: error: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":
