@@ -11,8 +11,8 @@ import torch
 from voco_lib.config import resolve
 from voco_lib.crops import make_views
 from voco_lib.data.loader import InfiniteOrder, PhantomVolumes, ViewsDataset, make_loader, sample_seed
-from voco_lib.pretrain import (PERF_KEY, VoCoModel, load_run, position_metrics, predict_positions,
-                               read_metrics, run_pretraining, warmup_cosine)
+from voco_lib.loop import PERF_KEY, warmup_cosine
+from voco_lib.pretrain import VoCoModel, load_run, position_metrics, predict_positions, read_metrics, run_pretraining
 
 TINY = ["data.n_eval=2", "n_volumes=4"]
 
@@ -75,8 +75,8 @@ def test_ema_update_once_per_step_over_the_right_scope(scope):
     cfg = resolve("smoke", [f"train.ema_scope={scope}"])
     torch.manual_seed(0)
     model = VoCoModel(cfg)
-    student = model.heads.student if scope == "head" else model.net
-    teacher = model.heads.teacher.module if scope == "head" else model.teacher.module
+    student, teacher = model.online, model.teacher.module
+    assert (student is model.student) == (scope == "head")
     before = [t.clone() for t in teacher.parameters()]
     model.ema_update()
     m = cfg.heads.ema_momentum

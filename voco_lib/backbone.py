@@ -13,6 +13,8 @@ padding, rolling and masking; fused instance norm and LeakyReLU; routed 3³ conv
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
@@ -288,3 +290,21 @@ def build_encoder(feature_size: int, in_channels: int = 1, *, small_crop: str | 
 def build_swinunetr(feature_size: int, out_channels: int, in_channels: int = 1, **opts) -> SwinUNETR:
     """Segmentation SwinUNETR-v2 with our encoder; state dict identical to MONAI's SwinUNETR(use_v2=True)."""
     return SwinUNETR(feature_size, out_channels, in_channels, **opts)
+
+
+def build_backbone(feature_size: int, crop: Sequence[int] = (96, 96, 96), in_channels: int = 1,
+                   out_channels: int | None = None, grad_checkpoint: bool = False) -> SwinEncoder:
+    """The backbone for inputs of size `crop`: VoCo's encoder, or a SwinUNETR with `out_channels` outputs.
+
+    The one place of the small-crop rule: below 64³ the deepest Swin map shrinks to one voxel along a side,
+    so the "bypass" variant is used; when every side is below 64 that map is one voxel, encoder10 is skipped
+    and never gets a gradient, so it is frozen (DDP then needs no `find_unused_parameters`). Its weights stay
+    in the exported encoder at their initial values.
+    """
+    small = "bypass" if min(crop) < 64 else None
+    model = (build_encoder(feature_size, in_channels, small_crop=small, grad_checkpoint=grad_checkpoint)
+             if out_channels is None else
+             build_swinunetr(feature_size, out_channels, in_channels, small_crop=small, grad_checkpoint=grad_checkpoint))
+    if max(crop) < 64:
+        model.encoder10.requires_grad_(False)
+    return model

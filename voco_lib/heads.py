@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voco_lib.config import HeadConfig
-
 
 class ProjectionHead(nn.Sequential):
     """Linear → BN → ReLU → Linear → BN → ReLU → Linear. BN without affine or running statistics, so it
@@ -79,21 +77,3 @@ class EMATeacher(nn.Module):
     def forward(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
-
-
-class VoCoHeads(nn.Module):
-    """Student head on dropped-out embeddings, EMA teacher head on clean ones (TPAMI: heads-only EMA).
-
-    In training mode the teacher is updated from the student before it is used, once per forward (= step).
-    """
-
-    def __init__(self, in_dim: int, cfg: HeadConfig = HeadConfig()):
-        super().__init__()
-        self.student = ProjectionHead(in_dim, cfg.hidden_dim, cfg.out_dim)
-        self.teacher = EMATeacher(self.student, cfg.ema_momentum, cfg.teacher_init)
-        self.dropout = EmbeddingDropout(cfg.dropout_p, cfg.dropout_mode)
-
-    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.training:
-            self.teacher.update(self.student)
-        return self.student(self.dropout(emb)), self.teacher(emb)
