@@ -31,7 +31,8 @@ def runner_class(task_type: str) -> type:
 def finetune(task: str | Task, init: str | Path | None = "scratch", profile: str | None = None,
              n_labeled: int | None = None, seed: int = 0, out: str | Path | None = None,
              overrides: Sequence[str] | dict[str, str] | None = None, resume: bool = False,
-             datalist: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
+             datalist: str | Path | None = None, overwrite: bool = False,
+             show_progress: bool = True) -> dict[str, Any]:
     """Fine-tune a registered task (name, YAML path or Task) and return its results (also in out/results.json).
 
     init: "scratch" | "voco-b" | "voco-l" | "voco-h" | a released checkpoint name | a pre-training run dir | a file.
@@ -43,17 +44,15 @@ def finetune(task: str | Task, init: str | Path | None = "scratch", profile: str
     t = load_task(task) if not isinstance(task, Task) else task
     return run(t, runner_class(t.type), init=init, profile=profile, n_labeled=n_labeled, seed=seed, out=out,
                overrides=overrides, resume=resume, datalist=None if datalist is None else str(datalist),
-               show_progress=show_progress)
+               overwrite=overwrite, show_progress=show_progress)
 
 
 def load_finetuned(run_dir: str | Path):
     """The Runner of a fine-tuning run with its newest weights (model, data, `predict`/`evaluate`)."""
-    import yaml
-
+    from voco_lib.runs import read_config
     from voco_lib.tasks.engine import load_run
 
-    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    return load_run(run_dir, runner_class(cfg["task"]["type"]))
+    return load_run(run_dir, runner_class(read_config(run_dir)["task"]["type"]))
 
 
 def _split_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -71,7 +70,8 @@ def cli_finetune(args: argparse.Namespace) -> int:
     """`voco finetune TASK --init ... --profile ... [--n-labeled K] [--seed S] [--out DIR] [--resume] [datalist=PATH] [k=v ...]`."""
     datalist, overrides = _split_overrides(args.overrides)
     res = finetune(args.task, init=args.init, profile=args.profile, n_labeled=args.n_labeled, seed=args.seed,
-                   out=args.out, overrides=overrides, resume=args.resume, datalist=datalist)
+                   out=args.out, overrides=overrides, resume=args.resume, datalist=datalist,
+                   overwrite=args.overwrite)
     from voco_lib.distributed import is_main_process
 
     if is_main_process():  # under torchrun: once

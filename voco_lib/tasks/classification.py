@@ -71,21 +71,21 @@ class ClassificationRunner(Runner):
         self.val = [resize_to(s, ctx.roi) for s in val]
         self.y_train, self.y_val = torch.tensor(ys), torch.tensor(yv)
         self.n_train = len(self.train)
-        from voco_lib.backbone import build_encoder
+        from voco_lib.backbone import build_backbone
 
-        enc = build_encoder(ctx.feature_size, task.in_channels, small_crop=ctx.small_crop)
+        enc = build_backbone(ctx.feature_size, ctx.roi, task.in_channels)
         self.model = EncoderClassifier(enc, task.out_channels)
         self.ce = nn.CrossEntropyLoss()
 
     def init_target(self) -> nn.Module:
         return self.model.encoder
 
-    def loss(self, step: int) -> torch.Tensor:
+    def loss(self, net: nn.Module, step: int, micro: int) -> torch.Tensor:
         g = self.ctx.generator(2, step)
         idx = torch.randint(self.n_train, (self.ctx.global_batch,), generator=g)  # the step's global batch
         flips = [random_flips([self.train[i]["image"]], g)[0] for i in idx.tolist()]
-        x, idx = torch.stack(self.ctx.share(flips)), self.ctx.share(idx)
-        return self.ce(self.model(x.to(self.ctx.device)), self.y_train[idx].to(self.ctx.device))
+        x, idx = torch.stack(self.ctx.share(flips, micro)), self.ctx.share(idx, micro)
+        return self.ce(net(x.to(self.ctx.device)), self.y_train[idx].to(self.ctx.device))
 
     def logits(self, samples: list[Sample]) -> torch.Tensor:
         out = [self.model(stack(samples[i:i + 4]).to(self.ctx.device)).float().cpu() for i in range(0, len(samples), 4)]

@@ -65,9 +65,9 @@ class RegistrationRunner(Runner):
         self.n_train = len(self.train)
         labels = [int(s["label"].max()) for p in self.train + self.val for s in p if s.get("label") is not None]
         self.num_classes = task.num_classes or (max(labels) + 1 if labels else 2)
-        from voco_lib.backbone import build_swinunetr
+        from voco_lib.backbone import build_backbone
 
-        self.model = build_swinunetr(ctx.feature_size, out_channels=3, in_channels=2, small_crop=ctx.small_crop)
+        self.model = build_backbone(ctx.feature_size, ctx.roi, in_channels=2, out_channels=3)
         nn.init.normal_(self.model.out.conv.conv.weight, std=1e-5)  # start at (nearly) the identity transform
         nn.init.zeros_(self.model.out.conv.conv.bias)
         self.similarity = LocalNormalizedCrossCorrelationLoss(kernel_size=5) if task.similarity == "lncc" else nn.MSELoss()
@@ -80,19 +80,20 @@ class RegistrationRunner(Runner):
                   "label": self.warp_nn(s["label"][None].float(), ddf)[0].round().long()}
         return moving, s
 
-    def flow(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """Displacement field (N, 3, X, Y, Z) in voxels that warps `moving` onto `fixed`.
+    def flow(self, moving: torch.Tensor, fixed: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
+        """Displacement field (N, 3, X, Y, Z) in voxels that warps `moving` onto `fixed` (`net`: the model as
+        trained, DDP-wrapped under torchrun; the bare model otherwise).
 
         The network's output is scaled by FLOW_SCALE voxels so that a few optimizer steps can move labels.
         """
-        return FLOW_SCALE * self.model(torch.cat([moving, fixed], 1))
+        return FLOW_SCALE * (net or self.model)(torch.cat([moving, fixed], 1))
 
-    def loss(self, step: int) -> torch.Tensor:
+    def loss(self, net: nn.Module, step: int, micro: int) -> torch.Tensor:
         g = self.ctx.generator(4, step)
-        idx = self.ctx.share(torch.randint(self.n_train, (self.ctx.global_batch,), generator=g).tolist())
+        idx = self.ctx.share(torch.randint(self.n_train, (self.ctx.global_batch,), generator=g).tolist(), micro)
         mov = torch.stack([self.train[i][0]["image"] for i in idx]).to(self.ctx.device)
         fix = torch.stack([self.train[i][1]["image"] for i in idx]).to(self.ctx.device)
-        ddf = self.flow(mov, fix)
+        ddf = self.flow(mov, fix, net)
         return self.similarity(self.warp(mov, ddf), fix) + self.smooth_weight * self.smooth(ddf)
 
     def register(self, pair: Pair) -> dict[str, torch.Tensor]:

@@ -33,10 +33,9 @@ def labelled_split(ctx: Context) -> tuple[list[Sample], list[Sample]]:
 
 
 def build_model(ctx: Context) -> torch.nn.Module:
-    from voco_lib.backbone import build_swinunetr
+    from voco_lib.backbone import build_backbone
 
-    return build_swinunetr(ctx.feature_size, out_channels=ctx.task.out_channels, in_channels=ctx.task.in_channels,
-                           small_crop=ctx.small_crop)
+    return build_backbone(ctx.feature_size, ctx.roi, ctx.task.in_channels, out_channels=ctx.task.out_channels)
 
 
 class SegmentationRunner(Runner):
@@ -49,7 +48,7 @@ class SegmentationRunner(Runner):
         self.model = build_model(ctx)
         self.loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """This micro-batch's share of the step's roi crops (`ctx.global_batch` of them, drawn in one sequence):
         each from a random training volume, foreground-centred 9 times in 10, flipped."""
         g = self.ctx.generator(1, step)
@@ -60,13 +59,13 @@ class SegmentationRunner(Runner):
             start = random_crop_start(img.shape[1:], roi, g, foreground=lab[0] > 0)
             sl = (slice(None),) + tuple(slice(a, a + r) for a, r in zip(start, roi))
             crops.append(random_flips([img[sl], lab[sl]], g))
-        mine = self.ctx.share(crops)
+        mine = self.ctx.share(crops, micro)
         xs, ys = [_pad_to(img, roi) for img, _ in mine], [_pad_to(lab, roi) for _, lab in mine]
         return torch.stack(xs).to(self.ctx.device), torch.stack(ys).to(self.ctx.device)
 
-    def loss(self, step: int) -> torch.Tensor:
-        x, y = self.batch(step)
-        return self.loss_fn(self.model(x), y)
+    def loss(self, net: torch.nn.Module, step: int, micro: int) -> torch.Tensor:
+        x, y = self.batch(step, micro)
+        return self.loss_fn(net(x), y)
 
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         """Label map (X, Y, Z) of one (C, X, Y, Z) volume by sliding-window inference over roi windows."""

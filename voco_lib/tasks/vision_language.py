@@ -294,9 +294,9 @@ class VisionLanguageRunner(Runner):
         self.train = [resize_to(s, ctx.roi) for s in train]
         self.val = [resize_to(s, ctx.roi) for s in val]
         self.n_train = len(self.train)
-        from voco_lib.backbone import build_encoder
+        from voco_lib.backbone import build_backbone
 
-        enc = build_encoder(ctx.feature_size, task.in_channels, small_crop=ctx.small_crop)
+        enc = build_backbone(ctx.feature_size, ctx.roi, task.in_channels)
         reports = [s["report"] for s in self.train]
         if st.mode == "generation":
             self.model: nn.Module = ReportGenerator(enc, reports, max_len=st.max_tokens, min_count=st.min_word_count)
@@ -317,10 +317,11 @@ class VisionLanguageRunner(Runner):
         x = torch.stack([random_flips([self.train[i]["image"]], g)[0] for i in idx]).to(self.ctx.device)
         return x, idx
 
-    def loss(self, step: int) -> torch.Tensor:
+    def loss(self, net: nn.Module, step: int, micro: int) -> torch.Tensor:
+        """One process only (shards_batches is False): `net` is the model itself."""
         if self.settings.mode == "generation":  # 2 volumes at least: the BatchNorm before the memory tokens
             x, idx = self._batch(step, 2)
-            return self.model(x, [self.train[i]["report"] for i in idx])
+            return net(x, [self.train[i]["report"] for i in idx])
         x, idx = self._batch(step, 4)  # a contrastive batch needs negatives
         img = self.model.embed_images(x)
         loss = self.model.contrastive_loss(img, [self.train[i]["report"] for i in idx])
