@@ -86,10 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="data root (default: $VOCO_DATA_DIR or ~/.cache/voco)")
     s.set_defaults(func=_handler("voco_lib.data.fetch:cli_fetch"))
 
-    s = sub.add_parser("weights", help="released VoCo checkpoints: list | fetch NAME | inspect PATH")
-    s.add_argument("action", choices=["list", "fetch", "inspect"])
-    s.add_argument("target", nargs="?")
-    s.add_argument("--out", default=None)
+    s = sub.add_parser("weights", help="checkpoints: list | fetch NAME | inspect PATH | export RUN_DIR|PATH | add NAME PATH")
+    s.add_argument("action", choices=["list", "fetch", "inspect", "export", "add"])
+    s.add_argument("target", nargs="?", help="fetch/add: NAME; inspect: PATH; export: RUN_DIR or PATH")
+    s.add_argument("path", nargs="?", help="add: the downloaded checkpoint file to register under NAME")
+    s.add_argument("--out", default=None, help="fetch: folder; export: file or bundle folder (default: beside the source)")
+    s.add_argument("--format", choices=["safetensors", "monai-bundle", "pt"], help="export: the output format")
+    s.add_argument("--out-channels", type=int, default=None,
+                   help="export --format monai-bundle of an encoder: output classes of the bundle's SwinUNETR")
     s.set_defaults(func=_handler("voco_lib.checkpoints:cli_weights"))
 
     s = sub.add_parser("nnunet", help="nnU-Net v2 path (VerSe20, AutoPET): export a task's datalist, check weights")
@@ -155,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place that turns every failure into a line (see the docstring)
         if debug:
             traceback.print_exc()
+        if isinstance(getattr(e, "exit_code", None), int):  # loop.Interrupted: checkpointed, then stopped by a signal
+            print(f"voco {args.command}: {e}", file=sys.stderr)
+            return e.exit_code
         line, status = _describe(e)
         print(f"voco {args.command}: error: {line}", file=sys.stderr)
         return status
