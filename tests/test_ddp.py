@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from voco_lib.pretrain import checkpoint_paths
+from voco_lib.runs import checkpoint_paths
 
 COMMON = ["--profile", "smoke", "--data", "phantom", "steps=3", "train.log_every=1", "train.eval_every=100",
           "train.checkpoint_every=3", "heads.dropout_p=0", "n_volumes=8", "data.n_eval=2"]

@@ -92,10 +92,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     cls = runner_class("classification")
     original = cls.loss
 
-    def crash_at_3(self, step):
+    def crash_at_3(self, net, step, micro):
         if step == 3:
             raise KeyboardInterrupt("simulated crash")
-        return original(self, step)
+        return original(self, net, step, micro)
 
     monkeypatch.setattr(cls, "loss", crash_at_3)
     with pytest.raises(KeyboardInterrupt):

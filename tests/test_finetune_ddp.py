@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from voco_lib.pretrain import checkpoint_paths
+from voco_lib.runs import checkpoint_paths
 
 COMMON = ["--profile", "smoke", "--seed", "0", "phantom-seg", "finetune.steps=3", "finetune.batch_size=1",
           "finetune.log_every=1", "finetune.eval_every=100", "finetune.checkpoint_every=2", "finetune.n_val=1",

@@ -205,6 +205,8 @@ def open_run(path: str | Path, config: dict[str, Any], resume: bool = False, ove
         return Run(path, config, latest_checkpoint(path) if resume else None, main=False)
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: continue the run or replace it, not both")
+    if resume and not (path / "config.yaml").is_file():
+        raise RunDirError(f"--resume: {path} holds no run (no config.yaml, no checkpoint); start without --resume")
     if overwrite and is_used(path):
         _move_aside(path)
     path.mkdir(parents=True, exist_ok=True)
