@@ -20,7 +20,8 @@ from torch import nn
 from voco_lib.config import resolve
 from voco_lib.data.loader import InfiniteOrder, ViewsDataset, build_volumes, make_loader, region_mode_of, views_to
 from voco_lib.losses import voco_loss
-from voco_lib.pretrain import VoCoModel, build_optimizer, tune_allocator
+from voco_lib.loop import adamw, tune_allocator
+from voco_lib.pretrain import VoCoModel
 
 
 class MonaiEncoder(nn.Module):
@@ -54,7 +55,8 @@ def bench(cfg, steps: int, dev: torch.device, backbone: nn.Module | None = None,
     if backbone is not None:
         model.backbone = backbone
     model = model.to(dev).train()
-    opt, sched = build_optimizer(model, cfg)
+    t = cfg.train
+    opt, sched = adamw(model, t.lr, t.weight_decay, t.warmup_steps, cfg.steps, amsgrad=t.amsgrad)
     amp = cfg.train.amp if dev.type == "cuda" else "off"
     vols, _ = build_volumes("phantom", dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_eval=0)))
     ds = ViewsDataset(vols, cfg.views, region_mode_of(cfg), cfg.train.seed)

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from voco_lib.config import HeadConfig
-from voco_lib.heads import EMATeacher, EmbeddingDropout, ProjectionHead, VoCoHeads
-from voco_lib.losses import voco_loss
+from voco_lib.config import resolve
+from voco_lib.crops import collate_views, make_views
+from voco_lib.heads import EMATeacher, EmbeddingDropout, ProjectionHead
+from voco_lib.pretrain import VoCoModel, training_step
 
 
 def test_projection_head_uses_batch_statistics_in_eval_too():
@@ -47,18 +48,24 @@ def test_sample_dropout_drops_whole_rows_feature_dropout_single_values():
         EmbeddingDropout(0.2, "channel")
 
 
-def test_heads_update_teacher_before_use_and_gradients_reach_student_only():
+def test_training_step_updates_the_teacher_once_before_use_and_gradients_reach_the_student_only():
+    """`pretrain.training_step`: EMA θ_t ← mθ_t + (1−m)θ_s on the first micro-batch only, then one forward;
+    the loss reaches the student head and the backbone, never the teacher (stop-gradient)."""
+    cfg = resolve("smoke", ["heads.dropout_p=0", "heads.hidden_dim=32", "heads.out_dim=16"])
     torch.manual_seed(0)
-    heads = VoCoHeads(24, HeadConfig(hidden_dim=32, out_dim=16, dropout_p=0.0)).train()
-    before = [p.clone() for p in heads.teacher.parameters()]
-    emb = torch.randn(2 * (2 + 4), 24, requires_grad=True)
-    zs, zt = heads(emb)
-    for b, t, s in zip(before, heads.teacher.parameters(), heads.student.parameters()):
-        assert torch.allclose(t, 0.9 * b + 0.1 * s, atol=1e-6)
-    assert torch.allclose(zt, heads.teacher.module(emb), atol=1e-6)
-    rand_s, base_s = zs[:4].view(2, 2, -1), zs[4:].view(2, 4, -1)
-    rand_t, base_t = zt[:4].view(2, 2, -1), zt[4:].view(2, 4, -1)
-    voco_loss(rand_s, base_s, rand_t, base_t, torch.rand(2, 2, 4))["loss"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.student.parameters())
-    assert all(p.grad is None for p in heads.teacher.parameters())
-    assert emb.grad.abs().sum() > 0
+    model = VoCoModel(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    views = collate_views([make_views(torch.rand(1, 64, 64, 32, generator=g), cfg.views, g) for _ in range(2)])
+    before = [p.clone() for p in model.teacher.parameters()]
+    terms = training_step(model, model, views, cfg.loss, first_micro=True)
+    m = cfg.heads.ema_momentum
+    for b, t, s in zip(before, model.teacher.parameters(), model.student.parameters()):
+        torch.testing.assert_close(t, m * b + (1 - m) * s, rtol=0, atol=1e-6)
+    after = [p.clone() for p in model.teacher.parameters()]
+    training_step(model, model, views, cfg.loss, first_micro=False)  # a later micro-batch: no second update
+    assert all(torch.equal(a, t) for a, t in zip(after, model.teacher.parameters()))
+    assert set(terms) >= {"loss", "intra", "inter", "reg"} and torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.backbone.swinViT.patch_embed.proj.weight.grad.abs().sum() > 0

@@ -170,6 +170,6 @@ def test_fixed_views_labels_by_hand():
 
 def test_pretrain_or_reuse_never_deletes_a_foreign_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a voco run directory"):
+    with pytest.raises(ValueError, match="not a voco run directory"):
         demo.pretrain_or_reuse(tmp_path, "smoke", fresh=True)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -47,36 +46,29 @@ def shared_pretrain_dir(profile: str | None = None) -> Path:
 def pretrain_or_reuse(out: str | Path | None = None, profile: str | None = None, data: str = "phantom",
                       overrides: Sequence[str] | None = None, fresh: bool = False, show_progress: bool = True) -> Path:
     """Pre-train into `out` (None: `shared_pretrain_dir`), continue an interrupted run there, or reuse a
-    finished one (encoder.pt exists) made with the same configuration.
+    finished one (encoder.pt exists) made with exactly this configuration.
 
     Re-running a notebook therefore costs nothing once its run has finished. A run made with another
-    configuration is replaced; `fresh=True` always trains again. Only a directory holding a voco run
-    (config.yaml) is ever deleted.
+    configuration, or any run when `fresh=True`, is moved aside to `OUT.old-N` (`--overwrite`), never deleted.
     """
-    import yaml
+    import json
 
     from voco_lib.config import to_dict
-    from voco_lib.pretrain import checkpoint_paths, run_pretraining
+    from voco_lib.pretrain import run_pretraining
+    from voco_lib.runs import checkpoint_paths, config_changes, is_used, read_config
 
     out = Path(out) if out is not None else shared_pretrain_dir(profile)
-    if (out / "config.yaml").is_file() and not fresh:
-        stored = yaml.safe_load((out / "config.yaml").read_text())
-        wanted = yaml.safe_load(yaml.safe_dump(to_dict(resolve(profile, overrides)), sort_keys=False))
-        if stored != wanted:
-            print(f"{out} holds a run with another configuration; training again")
-            fresh = True
-    if fresh and out.exists():
-        if not (out / "config.yaml").is_file() and any(out.iterdir()):
-            raise FileExistsError(f"{out} is not a voco run directory (no config.yaml); not deleting it. "
-                                  "Pass another directory")
-        shutil.rmtree(out)
-    if (out / "encoder.pt").is_file():
+    wanted = json.loads(json.dumps({"kind": "pretrain", "data": str(data),
+                                    "profile": to_dict(resolve(profile, overrides))}))
+    same = is_used(out) and not fresh and (out / "config.yaml").is_file() and not config_changes(read_config(out), wanted)
+    if is_used(out) and not same and not fresh:
+        print(f"{out} holds a run with another configuration; moving it aside and training again")
+    if same and (out / "encoder.pt").is_file():
         print(f"reusing the finished run in {out} (pass fresh=True to train again)")
         return out
-    resume = bool(checkpoint_paths(out)) if out.exists() else False
-    if not resume and out.exists() and (out / "metrics.jsonl").exists():
-        shutil.rmtree(out)  # a run killed before its first checkpoint: nothing to continue from
-    return run_pretraining(profile, data, out, list(overrides or []), resume=resume, show_progress=show_progress)
+    resume = same and bool(checkpoint_paths(out))
+    return run_pretraining(profile, data, out, list(overrides or []), resume=resume, overwrite=not resume,
+                           show_progress=show_progress)
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -238,9 +230,9 @@ def launch_pretraining(out: str | Path | None, profile: str | None = None, data:
         return pretrain_or_reuse(out, profile, data, overrides, fresh=fresh)
     out = Path(out) if out is not None else shared_pretrain_dir(profile)
     cmd = torchrun_command(out, profile, data, overrides, nproc)
-    resume = (Path(out) / "checkpoints").is_dir() and not fresh
-    print(" ".join(cmd + (["--resume"] if resume else [])), flush=True)
-    subprocess.run(cmd + (["--resume"] if resume else []), check=True)
+    flag = ["--overwrite"] if fresh or not (Path(out) / "checkpoints").is_dir() else ["--resume"]
+    print(" ".join(cmd + flag), flush=True)
+    subprocess.run(cmd + flag, check=True)
     return Path(out)
 
 

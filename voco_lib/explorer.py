@@ -127,7 +127,7 @@ def encoder_config(profile: Profile | str | None, feature_size: int, views: str 
 def load_encoder_only(path: str | Path, profile: Profile | str | None = None, views: str | ViewConfig = "auto",
                       device: str = "cpu", state: Any = None) -> tuple[EncoderOnly, Profile]:
     """Load an encoder-only file with 100% coverage of the encoder keys; architecture from its tensor shapes."""
-    from voco_lib.pretrain import build_backbone
+    from voco_lib.backbone import build_backbone
 
     path = Path(path)
     obj = load_checkpoint(path) if state is None else state
@@ -137,7 +137,7 @@ def load_encoder_only(path: str | Path, profile: Profile | str | None = None, vi
         raise CheckpointError(f"{path}: {e}") from None
     fs, _ = infer_architecture(flat, str(path))
     cfg = encoder_config(profile, fs, views)
-    enc = build_backbone(cfg)  # the pre-training's encoder for these views (small crops: "bypass")
+    enc = build_backbone(cfg.feature_size, cfg.views.out_size or cfg.views.crop_size)  # the pre-training's encoder
     report = load_encoder(enc, flat, min_coverage=1.0, name=str(path))
     return EncoderOnly(enc.to(device).eval(), path, report), cfg
 
@@ -219,10 +219,9 @@ def load_explorer_model(checkpoint: str | Path | None, profile: Profile | str | 
     - any other file: an encoder-only file given by path (released `VoCo_*_SSL_head.pt`, `VoComni_*.pt`, a
       run's `encoder.pt`), loaded by `load_encoder_only` with the views `encoder_views` (see `encoder_config`).
     """
-    import yaml
-
     from voco_lib.demo import pretrain_or_reuse
     from voco_lib.pretrain import VoCoModel, load_run
+    from voco_lib.runs import read_config
 
     if checkpoint is None:
         checkpoint = pretrain_or_reuse(None, profile if isinstance(profile, str) or profile is None else profile.name,
@@ -232,12 +231,12 @@ def load_explorer_model(checkpoint: str | Path | None, profile: Profile | str | 
         if not (path / "config.yaml").is_file():
             raise FileNotFoundError(f"{path}: a directory without config.yaml is not a pre-training run; pass a run "
                                     "directory of ours or a checkpoint file")
-        cfg = profile_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        cfg = profile_from_dict(read_config(path)["profile"])
         print(f"model: {path} (newest checkpoint; VoCo with its trained heads)")
         return load_run(path, device=device), cfg
     obj = load_checkpoint(path)  # names the file if it is missing or unreadable
     if isinstance(obj, dict) and RUN_KEYS <= set(obj) and isinstance(obj["config"], dict):
-        cfg = profile_from_dict(obj["config"])
+        cfg = profile_from_dict(obj["config"]["profile"])
         model = VoCoModel(cfg)
         model.load_state_dict(obj["model"])
         print(f"model: {path} (step {obj['step']}; VoCo with its trained heads)")

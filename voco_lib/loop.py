@@ -307,6 +307,7 @@ def _checkpoint(st: _State, step: int) -> None:
         state = {"step": step, "model": st.model.state_dict(), "optimizer": st.opt.state_dict(),
                  "scheduler": st.sched.state_dict(), "scaler": st.scaler.state_dict(), "rng": rngs,
                  "world": rt.world, "accum": st.spec.accum, "metrics_lines": st.run.n_metric_lines(),
+                 "config": st.run.config,
                  **{k: get(step) for k, (get, _) in st.extra.items()}}
         st.last_checkpoint = st.run.save_checkpoint(state, step, st.spec.keep_last)
     barrier(rt)

@@ -201,12 +201,14 @@ def open_run(path: str | Path, config: dict[str, Any], resume: bool = False, ove
     """Open `path` for the run described by `config` under the contract above; `main=False` for other ranks."""
     path = Path(path)
     config = json.loads(json.dumps(config, default=str))  # plain data, tuples as lists: what config.yaml holds
-    if not main:
-        return Run(path, config, latest_checkpoint(path) if resume else None, main=False)
+    if not main:  # rank 0 checks, writes and picks the checkpoint (`loop.fit` broadcasts its choice)
+        return Run(path, config, main=False)
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: continue the run or replace it, not both")
     if resume and not (path / "config.yaml").is_file():
         raise RunDirError(f"--resume: {path} holds no run (no config.yaml, no checkpoint); start without --resume")
+    if path.is_dir() and not is_used(path) and any(p.name != ".lock" for p in path.iterdir()):
+        raise RunDirError(f"{path} holds other files and is not a voco run directory; choose an empty or new --out")
     if overwrite and is_used(path):
         _move_aside(path)
     path.mkdir(parents=True, exist_ok=True)
