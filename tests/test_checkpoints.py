@@ -234,3 +234,38 @@ def test_cli_list_and_inspect(tmp_path, capsys, monai_full):
     out = capsys.readouterr().out
     assert "feature_size: 12" in out and "out_channels: 21" in out
     assert f"loaded {len(monai_full)}/{len(monai_full)} (100.0%)" in out
+
+
+# ------------------------------------------------------------------------------------------------ bad tensors
+def test_non_finite_and_integer_weights_are_refused_by_name(tmp_path, monai_full):
+    """Issue 13's init guard: the fine-tuning init goes through load_encoder, which must refuse before loading."""
+    state = dict(encoder_only(monai_full))
+    state["swinViT.patch_embed.proj.weight"] = state["swinViT.patch_embed.proj.weight"].clone()
+    state["swinViT.patch_embed.proj.weight"][0, 0, 0, 0, 0] = float("nan")
+    state["encoder1.layer.conv1.conv.weight"] = torch.full_like(state["encoder1.layer.conv1.conv.weight"], float("inf"))
+    state["encoder10.layer.conv1.conv.weight"] = state["encoder10.layer.conv1.conv.weight"].to(torch.int64)
+    torch.save(state, tmp_path / "bad.pt")
+    model = build_encoder(FS)
+    before = model.swinViT.patch_embed.proj.bias.clone()
+    with pytest.raises(CheckpointError) as e:
+        load_encoder(model, tmp_path / "bad.pt")
+    msg = str(e.value)
+    assert "bad.pt" in msg and "2 tensor(s) with NaN/inf" in msg and "1 tensor(s) of the wrong dtype" in msg
+    assert "swinViT.patch_embed.proj.weight" in msg and "encoder1.layer.conv1.conv.weight" in msg
+    assert "encoder10.layer.conv1.conv.weight (int64, expected a float)" in msg
+    assert torch.equal(model.swinViT.patch_embed.proj.bias, before)  # nothing loaded
+    with pytest.raises(CheckpointError, match="bad.pt: refused"):  # inspect / weights add / export read it the same way
+        cli_weights(argparse.Namespace(action="inspect", target=str(tmp_path / "bad.pt"), out=None))
+
+
+def test_bad_tensor_list_is_capped_and_index_buffers_stay_integer(tmp_path, monai_full):
+    state = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v)
+             for k, v in encoder_only(monai_full).items()}
+    with pytest.raises(CheckpointError, match=r"137 tensor\(s\) with NaN/inf values: .* \.\.\. and 132 more"):
+        load_encoder(build_encoder(FS), state, name="all-nan")
+    good = dict(encoder_only(monai_full))
+    index = next(k for k in good if k.endswith("relative_position_index"))
+    good[index] = good[index].float()  # an index buffer saved as float cannot index
+    with pytest.raises(CheckpointError, match=rf"{index} \(float32, expected an integer\)"):
+        load_encoder(build_encoder(FS), good, name="float-index")
+    assert load_encoder(build_encoder(FS), encoder_only(monai_full)).coverage == 1.0  # int64 index buffers are fine
