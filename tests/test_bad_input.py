@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import warnings
 
 import nibabel as nib
@@ -156,8 +157,17 @@ def test_non_nifti_formats_come_out_ras(tmp_path):
 
 
 def test_cli_reports_a_bad_volume_cleanly(tmp_path, capsys):
-    """VolumeError is a ValueError: `voco` prints one line with the file and exits 2, no traceback."""
+    """VolumeError is a ValueError: `voco` prints one line with the file and exits 2, no traceback, also when
+    the bad volume is found while a datalist is preprocessed."""
     err = raises(save(tmp_path / "flat.nii.gz", np.zeros((8, 8, 8), np.int16)), "constant")
     assert isinstance(err, ValueError)
     assert main(["phantom", "--n", "0", "--out", str(tmp_path / "o")]) == 2
-    assert "--n must be at least 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["voco phantom: error: --n must be at least 1, got 0"] and "Traceback" not in err
+    flat = save(tmp_path / "flat.nii.gz", np.zeros((8, 8, 8), np.int16))
+    datalist = tmp_path / "dataset.json"
+    datalist.write_text(json.dumps({"training": [{"image": str(flat)}]}))
+    assert main(["pretrain", "--profile", "smoke", "--data", str(datalist), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln]  # a progress bar may be there
+    assert len(line) == 1 and str(flat) in line[0] and "constant" in line[0] and "Traceback" not in err, err
