@@ -121,8 +121,9 @@ def _one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _describe(e: BaseException) -> tuple[str, int]:
-    """The error line after `voco CMD: error: ` and the exit status for exception `e`."""
+def _describe(e: BaseException, debug: bool) -> tuple[str, int]:
+    """The error line after `voco CMD: error: ` and the exit status for exception `e` (`debug`: the traceback
+    is already printed, so the line does not ask for it)."""
     if isinstance(e, OSError) and e.filename is not None:  # raised by open(), mkdir(), ... : name the file, add the fix
         fix = next((f for t, f in OS_FIXES.items() if isinstance(e, t)), "check the path and the disk")
         return f"{e.filename}: {e.strerror or type(e).__name__} — {fix}", EXIT_BAD_INPUT
@@ -131,13 +132,15 @@ def _describe(e: BaseException) -> tuple[str, int]:
         if isinstance(key, str) and " " in key:  # our own KeyError, with a sentence naming the file
             return _one_line(key), EXIT_BAD_INPUT
         return (f"missing key {key!r} in the input (KeyError) — check the datalist / manifest / config entry that "
-                "should have it; rerun with --debug to see where it was read"), EXIT_BAD_INPUT
+                "should have it" + ("" if debug else "; rerun with --debug to see where it was read")), EXIT_BAD_INPUT
     msg = _one_line(str(e)) or type(e).__name__
     if isinstance(e, ANTICIPATED):
         return msg, EXIT_BAD_INPUT
     if type(e).__module__.split(".")[0] == "yaml":  # yaml.YAMLError: the message names the line
         return f"not valid YAML ({msg}) — fix the file's syntax", EXIT_BAD_INPUT
-    return f"{type(e).__name__}: {msg} — rerun with --debug for the traceback (and please report it)", EXIT_BUG
+    ask = ("please report it, with the traceback above" if debug
+           else "rerun with --debug for the traceback (and please report it)")
+    return f"{type(e).__name__}: {msg} — {ask}", EXIT_BUG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(getattr(e, "exit_code", None), int):  # loop.Interrupted: checkpointed, then stopped by a signal
             print(f"voco {args.command}: {e}", file=sys.stderr)
             return e.exit_code
-        line, status = _describe(e)
+        line, status = _describe(e, debug)
         print(f"voco {args.command}: error: {line}", file=sys.stderr)
         return status
 
