@@ -28,6 +28,7 @@ def _with(path: str, value) -> dict:
 def _finished(tmp_path, cfg=CFG):
     """A run directory holding a config, a metrics line and a checkpoint, closed."""
     with open_run(tmp_path / "run", cfg) as run:
+        run.write_config()
         run.append_metrics({"kind": "train", "step": 1, "loss": 1.0})
         run.save_checkpoint({"step": 1, "w": torch.ones(2)}, 1, keep_last=2)
     return tmp_path / "run"
@@ -49,8 +50,8 @@ def test_a_used_directory_is_refused_and_kept(tmp_path):
 
 def test_overwrite_moves_the_old_run_aside(tmp_path):
     run = _finished(tmp_path)
-    with open_run(run, _with("train.seed", 1), overwrite=True):
-        pass
+    with open_run(run, _with("train.seed", 1), overwrite=True) as new:
+        new.write_config()
     aside = tmp_path / "run.old-1"
     assert [p.name for p in checkpoint_paths(aside)] == ["step_00000001.pt"]
     assert read_config(aside) == json.loads(json.dumps(CFG))
@@ -60,7 +61,8 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
 
 
 def test_one_writer_at_a_time(tmp_path):
-    with open_run(tmp_path / "run", CFG):
+    with open_run(tmp_path / "run", CFG) as run:
+        run.write_config()
         with pytest.raises(RunDirError, match="in use by pid"):
             open_run(tmp_path / "run", CFG, resume=True)
         with pytest.raises(RunDirError, match="in use"):
@@ -82,6 +84,7 @@ def test_resume_allows_extending_steps_and_records_it(tmp_path, capsys):
     run = _finished(tmp_path)
     with open_run(run, _with("steps", 8), resume=True) as r:
         assert r.start_step == 1
+        r.write_config()
     assert "steps 4 -> 8" in capsys.readouterr().out
     doc = yaml.safe_load((run / "config.yaml").read_text())
     assert doc["config"]["profile"]["steps"] == 8 and doc["fingerprint"] == fingerprint(CFG)
@@ -103,8 +106,8 @@ def test_resume_needs_a_run_and_a_readable_checkpoint(tmp_path):
     with pytest.raises(RunDirError, match="holds no run.*without --resume"):
         open_run(tmp_path / "none", CFG, resume=True)
     assert not (tmp_path / "none").exists()
-    with open_run(tmp_path / "empty", CFG):
-        pass
+    with open_run(tmp_path / "empty", CFG) as run:
+        run.write_config()
     with pytest.raises(RunDirError, match="no readable checkpoint"):
         open_run(tmp_path / "empty", CFG, resume=True)
 
@@ -138,3 +141,13 @@ def test_checkpoints_are_pruned_to_keep_last_and_the_reader_does_not_rename(tmp_
     (tmp_path / "run" / "checkpoints" / "step_00000004.pt").write_bytes(b"junk")
     path, state = latest_checkpoint(tmp_path / "run", set_aside=False)
     assert state["step"] == 3 and (tmp_path / "run" / "checkpoints" / "step_00000004.pt").exists()
+
+
+def test_config_yaml_is_written_only_when_the_run_starts(tmp_path):
+    """A run refused after open_run (bad data, say) leaves the directory unclaimed: the rerun is not refused."""
+    with open_run(tmp_path / "run", CFG):
+        pass  # the data failed to load: fit never started
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    with open_run(tmp_path / "run", CFG) as run:
+        run.write_config()
+    assert read_config(tmp_path / "run") == json.loads(json.dumps(CFG))

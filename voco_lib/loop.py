@@ -188,6 +188,7 @@ def fit(model: nn.Module, step_fn: StepFn, opt: torch.optim.Optimizer, sched: to
     st = _State(model, opt, sched, torch.amp.GradScaler("cuda", enabled=spec.amp == "fp16" and rt.device.type == "cuda"),
                 run, rt, spec, extra_state or {})
     start = _resume(st)
+    run.write_config()
     net = wrap_ddp(model, rt, find_unused_parameters=find_unused_parameters)
     autocast = autocast_for(spec.amp, rt.device)
     it = iter(batches) if batches is not None else None

@@ -10,7 +10,8 @@ The contract (`open_run` enforces it; README "Run directories" says the same):
    moves the old directory aside to `OUT.old-N` (never deletes it).
 3. `--resume` compares the resolved configs and refuses any change that alters results, listing the keys.
    Allowed: `RESUMABLE` (the step budget, to extend a run, and logging/checkpoint cadence, loader workers).
-4. `config.yaml` is written only after these checks pass, atomically.
+4. `config.yaml` is written only after these checks pass and the run's data and checkpoint have loaded, atomically
+   (a run refused for bad input leaves the directory as it was).
 5. One writer at a time: an exclusive `fcntl` lock on `OUT/.lock`, held until the run closes.
 6. Resume takes the newest *readable* checkpoint; an unreadable one is renamed `*.unreadable` and named.
    `metrics.jsonl` is cut back to the lines that checkpoint had seen (a torn last line is dropped).
@@ -162,6 +163,13 @@ class Run:
     def start_step(self) -> int:
         return int(self.resumed[1]["step"]) if self.resumed else 0
 
+    def write_config(self) -> None:
+        """Claim the directory for this run (rule 4): called by `loop.fit` once the data and checkpoint loaded,
+        so that a run refused for bad input leaves the directory as it was."""
+        if self.main:
+            doc = {"fingerprint": fingerprint(self.config), "config": self.config}
+            write_text(self.path / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+
     def append_metrics(self, record: dict[str, Any]) -> None:
         if self.main:
             with open(self.path / "metrics.jsonl", "a") as f:
@@ -221,8 +229,6 @@ def open_run(path: str | Path, config: dict[str, Any], resume: bool = False, ove
                               "--out, or pass --overwrite to move the old one aside")
         for tmp in [*path.glob(".*.tmp"), *path.glob("checkpoints/.*.tmp")]:
             tmp.unlink()
-        doc = {"fingerprint": fingerprint(config), "config": config}
-        write_text(path / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
     except BaseException:
         run.close()
         raise
