@@ -106,7 +106,8 @@ def test_a_run_checkpoint_keeps_its_heads(tmp_path):
     trained = VoCoModel(cfg).eval()
     path = tmp_path / "checkpoints" / "step_00000004.pt"
     path.parent.mkdir()
-    torch.save({"step": 4, "model": trained.state_dict(), "config": to_dict(cfg)}, path)
+    torch.save({"step": 4, "model": trained.state_dict(),
+                "config": {"kind": "pretrain", "data": "phantom", "profile": to_dict(cfg)}}, path)
     model, got_cfg = explorer.load_explorer_model(path, "smoke")
     assert isinstance(model, VoCoModel) and not explorer.is_encoder_only(model) and got_cfg == cfg
     region = demo.phantom_subject(3, cfg).region

@@ -64,8 +64,6 @@ class VoCoModel(nn.Module):
         h = cfg.heads
         self.student = ProjectionHead(self.backbone.embed_dim, h.hidden_dim, h.out_dim)
         self.dropout = EmbeddingDropout(h.dropout_p, h.dropout_mode)
-        if self.ema_scope not in ("head", "full"):
-            raise ValueError(f"train.ema_scope must be 'head' (TPAMI) or 'full' (CVPR), got {self.ema_scope!r}")
         online = self.student if self.ema_scope == "head" else _Embedder(self.backbone, self.student)
         self.teacher = EMATeacher(online, h.ema_momentum, h.teacher_init)
         self._online = [online]  # not a submodule: its parameters are already registered above
