@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.voco-installed
 # The CPU build of torch; installed before anything else so no package can pull a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-fast test-browser bench clean
+.PHONY: install demo test test-fast test-browser bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,12 @@ test-browser: install
 	VOCO_PROFILE=smoke $(BIN)/python tests/browser/run_browser_check.py
 
 bench: install
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in $(filter-out benchmarks/gpu_check.py,$(wildcard benchmarks/*.py)); do $(BIN)/python $$b || exit 1; done
+
+# One prepared check of every GPU path (≤ 8 min on an H100/H200): gpu-check/gpu_check.json + gpu_check.txt.
+# On a machine without CUDA: `$(BIN)/python benchmarks/gpu_check.py --dry-run` (plan, imports, configs).
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --out gpu-check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
