@@ -136,7 +136,7 @@ def evaluate(model: VoCoModel, views: list[Views], batch_size: int) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def train(cfg: Profile, data: str, out: str | Path, resume: bool = False, overwrite: bool = False,
+def train(cfg: Profile, data: str, out: str | Path, resume: bool | str = False, overwrite: bool = False,
           show_progress: bool = True) -> Path:
     """Run (or resume) pre-training into run directory `out`; returns it. One process or one torchrun rank."""
     rt = init_runtime()
@@ -202,7 +202,7 @@ def _finish(model: VoCoModel, out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ API
 def run_pretraining(profile: str | None = None, data: str = "phantom", out: str | Path = "runs/pretrain",
-                    overrides: Sequence[str] | dict[str, str] | None = None, resume: bool = False,
+                    overrides: Sequence[str] | dict[str, str] | None = None, resume: bool | str = False,
                     overwrite: bool = False, show_progress: bool = True) -> Path:
     """The notebooks' entry point: resolve the profile (+ overrides, `method=cvpr`), train, return the run dir."""
     return train(resolve(profile, overrides), data, out, resume=resume, overwrite=overwrite,

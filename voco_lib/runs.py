@@ -204,10 +204,15 @@ def is_used(path: Path) -> bool:
     return path.is_dir() and any((path / m).exists() for m in USED_MARKERS)
 
 
-def open_run(path: str | Path, config: dict[str, Any], resume: bool = False, overwrite: bool = False,
+def open_run(path: str | Path, config: dict[str, Any], resume: bool | str = False, overwrite: bool = False,
              main: bool = True) -> Run:
-    """Open `path` for the run described by `config` under the contract above; `main=False` for other ranks."""
+    """Open `path` for the run described by `config` under the contract above; `main=False` for other ranks.
+
+    resume="auto" (notebooks: a cell run again continues its run) resumes when `path` holds a run, with the
+    same checks as `--resume`, and starts a new run otherwise."""
     path = Path(path)
+    if resume == "auto":
+        resume = (path / "config.yaml").is_file()
     config = json.loads(json.dumps(config, default=str))  # plain data, tuples as lists: what config.yaml holds
     if not main:  # rank 0 checks, writes and picks the checkpoint (`loop.fit` broadcasts its choice)
         return Run(path, config, main=False)

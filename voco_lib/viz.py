@@ -17,7 +17,6 @@ there is no Jupyter kernel or no widget package.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -291,12 +290,13 @@ def crop_across_subjects(images: Sequence[Any], box: Any, spacing: Spacing | Seq
 def read_metrics(metrics: str | Path | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records of a `metrics.jsonl` (path to the file or to its run directory), or the records themselves."""
     if isinstance(metrics, (str, Path)):
-        path = Path(metrics)
-        if path.is_dir():
-            path = path / "metrics.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no metrics file; run a pre-training into this directory first")
-        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        from voco_lib.runs import read_metrics as read_run_metrics
+
+        run_dir = Path(metrics) if Path(metrics).is_dir() else Path(metrics).parent
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'}: no metrics file; run a pre-training into this "
+                                    "directory first")
+        return read_run_metrics(run_dir)
     return list(metrics)
 
 

@@ -30,7 +30,7 @@ def runner_class(task_type: str) -> type:
 
 def finetune(task: str | Task, init: str | Path | None = "scratch", profile: str | None = None,
              n_labeled: int | None = None, seed: int = 0, out: str | Path | None = None,
-             overrides: Sequence[str] | dict[str, str] | None = None, resume: bool = False,
+             overrides: Sequence[str] | dict[str, str] | None = None, resume: bool | str = False,
              datalist: str | Path | None = None, overwrite: bool = False,
              show_progress: bool = True) -> dict[str, Any]:
     """Fine-tune a registered task (name, YAML path or Task) and return its results (also in out/results.json).
@@ -38,6 +38,8 @@ def finetune(task: str | Task, init: str | Path | None = "scratch", profile: str
     init: "scratch" | "voco-b" | "voco-l" | "voco-h" | a released checkpoint name | a pre-training run dir | a file.
     datalist: MSD-style JSON of a real dataset (not needed for the phantom tasks).
     overrides: config overrides, e.g. ["finetune.steps=50", "finetune.lr=1e-3"].
+    resume: True continues the run in `out` (its config must match); "auto" does so when `out` holds a run
+    and starts one otherwise (notebooks); overwrite: move a used `out` aside first (voco_lib.runs).
     """
     from voco_lib.tasks.engine import run
 

@@ -157,7 +157,7 @@ def load_init(target: nn.Module, path: Path, min_coverage: float) -> dict[str, A
 # ------------------------------------------------------------------------------------------------ the run
 def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "scratch", profile: str | None = None,
         n_labeled: int | None = None, seed: int = 0, out: str | Path | None = None,
-        overrides: Sequence[str] | dict[str, str] | None = None, resume: bool = False, datalist: str | None = None,
+        overrides: Sequence[str] | dict[str, str] | None = None, resume: bool | str = False, datalist: str | None = None,
         overwrite: bool = False, show_progress: bool = True) -> dict[str, Any]:
     """Fine-tune `task` with `runner_cls`; returns the results dict that is also written to `results.json`.
 
@@ -169,13 +169,9 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
     rt = init_runtime(timeout_min=FT_TIMEOUT_MIN)
     with main_first(rt):  # a released checkpoint is fetched once, by rank 0
         init_path = resolve_init(init)
-    feature_size = checkpoint_feature_size(init_path) if init_path is not None else cfg.feature_size
-    init_label = "scratch" if init_path is None else str(init)
-    out = Path(out or Path("runs") / "finetune" / task.name / f"{Path(init_label).name}-n{n_labeled or 'all'}-s{seed}")
-    prov = {"task": task.name, "type": task.type, "dataset": task.dataset, "datalist": datalist, "init": init_label,
-            "init_path": None if init_path is None else str(init_path),
-            "init_sha256": None if init_path is None else sha256(init_path), "feature_size": feature_size,
-            "seed": seed, "profile": cfg.name, "n_labeled": n_labeled}
+    prov = _provenance(task, cfg, init, init_path, seed, n_labeled, datalist)
+    feature_size = prov["feature_size"]
+    out = Path(out or Path("runs") / "finetune" / task.name / f"{Path(prov['init']).name}-n{n_labeled or 'all'}-s{seed}")
     if cfg.train.tune_allocator and rt.device.type == "cpu":
         tune_allocator()
     config = {"kind": "finetune", "provenance": prov, "task": task.raw, "profile": to_dict(cfg)}
@@ -208,6 +204,17 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
     results = broadcast_object(results, rt)
     shutdown(rt)
     return results
+
+
+def _provenance(task: Task, cfg: Profile, init: str | Path | None, init_path: Path | None, seed: int,
+                n_labeled: int | None, datalist: str | None) -> dict[str, Any]:
+    """What makes this run this run (stored in config.yaml: a resume must match it, the init's sha256 included)."""
+    return {"task": task.name, "type": task.type, "dataset": task.dataset, "datalist": datalist,
+            "init": "scratch" if init_path is None else str(init),
+            "init_path": None if init_path is None else str(init_path),
+            "init_sha256": None if init_path is None else sha256(init_path),
+            "feature_size": cfg.feature_size if init_path is None else checkpoint_feature_size(init_path),
+            "seed": seed, "profile": cfg.name, "n_labeled": n_labeled}
 
 
 def _check_task(task: Task, datalist: str | None) -> None:
