@@ -119,9 +119,9 @@ def build_volumes(data: str, cfg: Profile) -> tuple[object, object]:
         from voco_lib.data.fetch import fetch_samples
 
         data = str(fetch_samples())
-    path = Path(data)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {data}: no such datalist; pass 'phantom', 'samples' or an MSD-style JSON file")
+    from voco_lib.data.manifests import datalist_file
+
+    path = datalist_file(data)
     cache = d.cache_dir or default_cache_dir()
     paths = _datalist_paths(path, "training")
     held_paths = _datalist_paths(path, "validation")[: d.n_eval]
