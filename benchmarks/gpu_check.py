@@ -84,15 +84,19 @@ def build_config(profile: str, overrides: Sequence[str]) -> Any:
 
 @dataclasses.dataclass
 class Ctx:
-    """What a section gets: where to work, whether this is the dry run, results of earlier sections."""
+    """What a section gets: where to work, whether this is the dry run, results of earlier sections, and
+    `partial`, where a section with several parts puts each part's figures as soon as it has them (kept when a
+    later part fails or runs out of time)."""
 
     work: Path
     dry: bool
     results: dict[str, dict[str, Any]]
-    deadline: float
+    deadline: float  # of the whole check
+    section_deadline: float = math.inf
+    partial: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def left(self) -> float:
-        return self.deadline - time.monotonic()
+        return min(self.deadline, self.section_deadline) - time.monotonic()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +270,7 @@ def _bench_pair(fs: int, side: int, batch: int, compiled: bool, iters: int = 10)
         del net
         fresh_gpu()
     out["speedup"] = out["monai"]["s_per_it"] / out["ours"]["s_per_it"]
-    out["memory_ratio"] = out["ours"]["activations_gb"] / out["monai"]["activations_gb"]
+    out["memory_ratio"] = out["ours"]["activations_gb"] / max(out["monai"]["activations_gb"], 1e-9)
     out["embedding_rel_diff"] = rel_diff(emb["ours"], emb["monai"])
     out["grad_rel_diff"] = rel_diff(grad["ours"], grad["monai"])
     return out
@@ -278,16 +282,15 @@ def _backbone(ctx: Ctx, sizes: Sequence[tuple[int, int, int]], compiled: bool) -
         api(ref)
     if ctx.dry:
         return {"figures": {"sizes": [f"f{f} {s}³ b{b}" for f, s, b in sizes]}}
-    figures, checks = {}, {}
+    checks = {}
     for fs, side, batch in sizes:
         key = f"f{fs}_{side}^3_b{batch}"
         if ctx.left() < 20:
-            figures[key] = "skipped: total budget used up"
+            ctx.partial[key] = "skipped: the section's time is used up"
             continue
-        r = _bench_pair(fs, side, batch, compiled)
-        figures[key] = r
+        r = ctx.partial[key] = _bench_pair(fs, side, batch, compiled)
         checks[f"{key} agrees (bf16)"] = r["embedding_rel_diff"] < BF16_RTOL and r["grad_rel_diff"] < BF16_RTOL
-    return outcome(checks, **figures)
+    return outcome(checks, **ctx.partial)
 
 
 def backbone(ctx: Ctx) -> dict[str, Any]:
@@ -438,15 +441,29 @@ def ddp(ctx: Ctx) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(Path(__file__)),
            "--ddp-child", str(ctx.work)]
     rc = run_child(cmd, ctx, log)
-    if rc != 0 or not result.is_file():
-        raise RuntimeError(f"torchrun exited {rc}: {tail(log)}")
-    r = json.loads(result.read_text())
+    if not result.is_file():
+        raise RuntimeError(f"torchrun exited {rc} before its child wrote a result: {tail(log)}")
+    r = ctx.partial = json.loads(result.read_text())
+    if rc != 0 or "error" in r:
+        raise RuntimeError(f"torchrun exited {rc}: {r.get('error', tail(log))}")
     return outcome({"library run under torchrun finished": r["library_run"], "NCCL all_reduce correct": r["all_reduce_ok"],
                     "DDP step finite": r["ddp_loss_finite"]}, **r)
 
 
 def ddp_child(work: Path) -> int:
-    """The torchrun side of `ddp`: writes work/ddp.json."""
+    """The torchrun side of `ddp`: writes work/ddp.json (what it got to, and its error if any)."""
+    r: dict[str, Any] = {}
+    try:
+        _ddp_steps(work, r)
+        return 0
+    except Exception as e:
+        r["error"] = f"{type(e).__name__}: {e}"[:2000]
+        return 1
+    finally:
+        api("voco_lib.files:write_text")(work / "ddp.json", json.dumps(r))
+
+
+def _ddp_steps(work: Path, r: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -457,8 +474,8 @@ def ddp_child(work: Path) -> int:
     out = work / "ddp-pretrain"
     run_pretraining("gpu", "phantom", out, list(DDP), show_progress=False)
     rt = init_runtime()
-    r: dict[str, Any] = {"library_run": (out / "encoder.pt").is_file(), "world": rt.world,
-                         "library_uses_ddp_at_world_1": rt.distributed, "process_group_by_library": dist.is_initialized()}
+    r.update(library_run=(out / "encoder.pt").is_file(), world=rt.world, library_uses_ddp_at_world_1=rt.distributed,
+             process_group_by_library=dist.is_initialized())
     if not dist.is_initialized():
         dist.init_process_group("nccl", device_id=rt.device)
     r["backend"] = dist.get_backend()
@@ -475,8 +492,6 @@ def ddp_child(work: Path) -> int:
     r.update(all_reduce_ok=bool((ones == dist.get_world_size()).all()), ddp_losses=losses,
              ddp_loss_finite=all(math.isfinite(v) for v in losses))
     dist.destroy_process_group()
-    api("voco_lib.files:write_text")(work / "ddp.json", json.dumps(r))
-    return 0
 
 
 SECTIONS = (
@@ -509,14 +524,19 @@ def plan_text(sections: Sequence[Section]) -> str:
 def run_section(s: Section, ctx: Ctx) -> dict[str, Any]:
     """One section, guarded: its result, or its error; always its time."""
     t0 = time.monotonic()
+    ctx.section_deadline, ctx.partial = math.inf, {}
     if not ctx.dry and ctx.left() < min(s.budget_s, 20):
         return {"status": "skipped", "error": f"{ctx.left():.0f} s left of the total budget", "seconds": 0.0}
     try:
-        with time_limit(min(2 * s.budget_s, ctx.left())) if not ctx.dry else contextlib.nullcontext():
+        if ctx.dry:
             r = s.run(ctx)
+        else:
+            ctx.section_deadline = time.monotonic() + 2 * s.budget_s
+            with time_limit(ctx.left()):
+                r = s.run(ctx)
         r.setdefault("status", "ok" if all(r.get("checks", {}).values()) else "failed")
     except Exception as e:  # recorded, and the next section runs
-        r = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000],
+        r = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000], "figures": ctx.partial,
              "traceback": traceback.format_exc()[-3000:]}
     if not ctx.dry:
         fresh_gpu()

@@ -63,3 +63,21 @@ def test_a_broken_section_is_recorded_and_the_rest_run(mod, monkeypatch, capsys)
 def test_without_cuda_the_real_run_refuses_with_the_fix(tmp_path):
     p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "use --dry-run" in p.stderr
+
+
+def test_a_section_past_its_time_is_stopped_keeping_its_partial_figures(mod, monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.setattr(mod, "fresh_gpu", lambda: None)  # no GPU memory to release here
+
+    def slow(ctx):
+        ctx.partial["first part"] = 1.0
+        time.sleep(30)
+        return mod.outcome({})
+
+    ctx = mod.Ctx(tmp_path, dry=False, results={}, deadline=time.monotonic() + 100)
+    r = mod.run_section(mod.Section("slow", 1, "sleeps", slow), ctx)  # limit: 2 × budget
+    assert r["status"] == "error" and "SectionTimeout" in r["error"] and r["figures"] == {"first part": 1.0}
+    assert 1.5 < r["seconds"] < 10
+    late = mod.Ctx(tmp_path, dry=False, results={}, deadline=time.monotonic() + 5)
+    assert mod.run_section(mod.Section("late", 60, "too late", slow), late)["status"] == "skipped"
