@@ -141,8 +141,8 @@ def test_no_profile_takes_voco_profile_and_says_so(monkeypatch, capsys):
 
 
 def test_a_reloaded_run_keeps_its_stored_profile(monkeypatch):
-    """Pre-training reloads config.yaml (profile_from_dict); fine-tuning re-resolves its stored profile name
-    and overrides (engine.load_run: resolve(prov["profile"], prov["overrides"])). Neither sees VOCO_PROFILE."""
+    """Both loops reload the profile stored in config.yaml (profile_from_dict), and an explicitly named profile
+    (as a stored name re-resolved with its overrides) beats VOCO_PROFILE."""
     monkeypatch.delenv("VOCO_PROFILE", raising=False)
     stored = yaml.safe_dump(to_dict(resolve("cpu", ["steps=7"])))
     prov = {"profile": "cpu", "overrides": ["finetune.steps=9"]}

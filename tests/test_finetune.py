@@ -10,8 +10,8 @@ import json
 
 import pytest
 import torch
-import yaml
 
+from voco_lib.runs import read_config
 from voco_lib.tasks import finetune, load_finetuned, load_task, runner_class
 from voco_lib.tasks.data import phantom_seeds
 
@@ -39,7 +39,7 @@ def test_segmentation_improves_and_writes_the_run_dir(tmp_path):
     assert set(m["dice_per_class"]) == set(load_task("phantom-seg").classes[1:])
     assert "hd95" in m and "hd95_per_class" in m
     run = tmp_path / "seg"
-    prov = yaml.safe_load((run / "config.yaml").read_text())["provenance"]
+    prov = read_config(run)["provenance"]
     assert prov["task"] == "phantom-seg" and prov["seed"] == EASY and prov["init"] == "scratch"
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk["value"] == res["value"] and on_disk["init_sha256"] is None and on_disk["profile"] == "smoke"
@@ -47,7 +47,7 @@ def test_segmentation_improves_and_writes_the_run_dir(tmp_path):
     assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert sorted((run / "checkpoints").glob("step_*.pt"))
     assert not list(run.rglob(".*.tmp"))
-    with pytest.raises(FileExistsError, match="finished run"):
+    with pytest.raises(ValueError, match="already holds a run"):
         finetune("phantom-seg", profile="smoke", out=run, show_progress=False)
     # the finished run reloads with its weights and predicts a label map of the volume's shape
     r = load_finetuned(run)
