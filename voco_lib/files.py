@@ -14,7 +14,9 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
+
+import yaml
 
 
 def publish(tmp: str | Path, path: str | Path) -> None:
@@ -55,3 +57,14 @@ def sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_yaml(path: str | Path, fix: str) -> Any:
+    """A YAML file's content; a missing or unparsable file is one ValueError/FileNotFoundError naming it and `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found — {fix}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e.__class__.__name__}: {e}) — {fix}") from None

@@ -32,7 +32,7 @@ from typing import IO, Any
 import torch
 import yaml
 
-from voco_lib.files import atomic_write, write_text
+from voco_lib.files import atomic_write, read_yaml, write_text
 
 # Keys whose change on --resume does not alter what the run computes (leaf names anywhere in the config).
 RESUMABLE = frozenset({"steps", "checkpoint_every", "keep_last", "eval_every", "log_every", "workers",
@@ -71,12 +71,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     """The `config` section of a run's config.yaml."""
     path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a run directory")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RunDirError(f"{path}: not readable YAML ({e.__class__.__name__}); restore it or start a new --out") from None
+    doc = read_yaml(path, f"{run_dir} is not a run directory of voco: pass one, or start a new --out")
     if not isinstance(doc, dict) or "config" not in doc:
         raise RunDirError(f"{path}: no `config` section; it was not written by this version of voco")
     return doc["config"]

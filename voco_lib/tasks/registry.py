@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from voco_lib.data.manifests import list_manifests, load_manifest, manifests_dir, validate_manifest as _validate_schema
+from voco_lib.files import read_yaml
 
 KIND = "tasks"  # data_manifests/tasks/<name>.yaml, schema data_manifests/schemas/tasks.json
 TYPES = ("segmentation", "classification", "registration", "vision_language")
@@ -165,13 +164,7 @@ def load_task(name: str | Path) -> Task:
     """A task by registry name (`btcv`, `phantom-seg`, ...) or by the path of a task YAML of your own."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise FileNotFoundError(f"task manifest {p} not found")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML ({e}); fix the file") from None
-        return task_from_dict(data, p)
+        return task_from_dict(read_yaml(p, "pass a task manifest YAML (see data_manifests/tasks/)"), p)
     if str(name) not in list_tasks():
         raise ValueError(f"unknown task {name!r}; `voco tasks list` shows the {len(list_tasks())} registered tasks")
     return _load_registered(str(name))
