@@ -503,7 +503,7 @@ def fetch_weights(name: str, out_dir: str | Path | None = None, manifest: str | 
 def describe(path: str | Path) -> tuple[dict[str, Any], CoverageReport | None]:
     """What a checkpoint file holds (tensors, parameters, feature size, classes) and its coverage of the
     matching SwinUNETR, compared on the meta device (no weights allocated). Bad tensors are refused."""
-    from voco_lib.backbone import build_encoder, build_swinunetr
+    from voco_lib.backbone import build_backbone
 
     state = load_weights(path)
     info: dict[str, Any] = {"tensors": len(state), "values": sum(v.numel() for v in state.values()),
@@ -515,12 +515,10 @@ def describe(path: str | Path) -> tuple[dict[str, Any], CoverageReport | None]:
     fs, cin = int(embed.shape[0]), int(embed.shape[1])
     out = state.get("out.conv.conv.weight")
     info.update(feature_size=fs, in_channels=cin)
+    if out is not None:
+        info["out_channels"] = int(out.shape[0])
     with torch.device("meta"):
-        if out is not None:
-            info["out_channels"] = int(out.shape[0])
-            model = build_swinunetr(fs, int(out.shape[0]), cin)
-        else:
-            model = build_encoder(fs, cin)
+        model = build_backbone(fs, in_channels=cin, out_channels=None if out is None else int(out.shape[0]))
     return info, coverage({k: v.shape for k, v in model.state_dict().items()}, state)
 
 
