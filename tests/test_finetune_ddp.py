@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from voco_lib.loop import PERF_KEY
 from voco_lib.runs import checkpoint_paths
 
 COMMON = ["--profile", "smoke", "--seed", "0", "phantom-seg", "finetune.steps=3", "finetune.batch_size=1",
@@ -45,8 +46,9 @@ def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def _records(run: Path, kind: str) -> list[dict]:
+    """The records of one kind without `perf` (timing: the only field that differs between equal runs)."""
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return [r for r in recs if r["kind"] == kind]
+    return [{k: v for k, v in r.items() if k != PERF_KEY} for r in recs if r["kind"] == kind]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -69,10 +71,9 @@ def test_share_splits_the_global_batch_like_the_pretraining_order():
     task, items = load_task("phantom-seg"), list(range(12))
 
     def part(world: int, rank: int, accum: int, micro: int) -> list[int]:
-        ctx = Context(task, cfg, 0, None, None, torch.device("cpu"), 12, world=world, rank=rank, accum=accum,
-                      micro=micro)
+        ctx = Context(task, cfg, 0, None, None, torch.device("cpu"), 12, world=world, rank=rank, accum=accum)
         assert ctx.global_batch == 12
-        return list(ctx.share(items))
+        return list(ctx.share(items, micro))
 
     ddp = [part(2, r, 2, a) for a in range(2) for r in range(2)]
     assert ddp == [part(1, 0, 4, v) for v in range(4)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]

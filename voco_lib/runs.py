@@ -96,8 +96,10 @@ def json_safe(v: Any) -> Any:
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """The lines of `metrics.jsonl` (optionally of one `kind`); a torn last line (a killed writer) is skipped."""
-    return [r for r in _metric_lines(Path(run_dir) / "metrics.jsonl") if kind is None or r["kind"] == kind]
+    """The lines of a run's `metrics.jsonl` (or of a `.jsonl` file given directly), optionally of one `kind`;
+    a torn last line (a killed writer) is skipped."""
+    path = Path(run_dir) if Path(run_dir).suffix == ".jsonl" else Path(run_dir) / "metrics.jsonl"
+    return [r for r in _metric_lines(path) if kind is None or r["kind"] == kind]
 
 
 def _metric_lines(path: Path) -> list[dict[str, Any]]:

@@ -292,11 +292,10 @@ def read_metrics(metrics: str | Path | Iterable[dict[str, Any]]) -> list[dict[st
     if isinstance(metrics, (str, Path)):
         from voco_lib.runs import read_metrics as read_run_metrics
 
-        run_dir = Path(metrics) if Path(metrics).is_dir() else Path(metrics).parent
-        if not (run_dir / "metrics.jsonl").is_file():
-            raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'}: no metrics file; run a pre-training into this "
-                                    "directory first")
-        return read_run_metrics(run_dir)
+        path = Path(metrics) / "metrics.jsonl" if Path(metrics).is_dir() else Path(metrics)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no metrics file; run a pre-training into this directory first")
+        return read_run_metrics(path)
     return list(metrics)
 
 
