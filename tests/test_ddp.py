@@ -57,3 +57,16 @@ def test_torchrun_two_ranks_match_one_process_with_accumulation(tmp_path):
     state = torch.load(checkpoint_paths(ddp)[-1], map_location="cpu", weights_only=True)
     assert state["step"] == 3 and state["world"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank RNG streams kept
+
+
+def test_torchrun_with_one_process_takes_the_ddp_path(tmp_path):
+    """Under torchrun a process group is up even for one process, so the DDP code path runs (the GPU check's
+    one-process NCCL run relies on it); a plain process stays unwrapped."""
+    script = tmp_path / "probe.py"
+    script.write_text("import torch\nfrom voco_lib.distributed import init_runtime, wrap_ddp\nrt = init_runtime()\n"
+                      "print('distributed', rt.distributed, type(wrap_ddp(torch.nn.Linear(2, 2), rt)).__name__)\n")
+    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          str(script)], capture_output=True, text=True, timeout=300)
+    assert "distributed True DistributedDataParallel" in one.stdout, one.stderr
+    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert "distributed False Linear" in plain.stdout, plain.stderr

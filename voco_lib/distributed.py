@@ -24,6 +24,7 @@ class Runtime:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    group: bool = False  # a process group is up (any torchrun job, one process included)
 
     @property
     def main(self) -> bool:
@@ -31,7 +32,8 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        """Under torchrun, even with one process: the DDP and collective code path runs (and is tested)."""
+        return self.group
 
 
 def init_runtime(timeout_min: float | None = None) -> Runtime:
@@ -46,10 +48,11 @@ def init_runtime(timeout_min: float | None = None) -> Runtime:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, for one process too
+    if launched and not dist.is_initialized():
         kw = {} if timeout_min is None else {"timeout": datetime.timedelta(minutes=timeout_min)}
         dist.init_process_group("nccl" if cuda else "gloo", **kw)
-    return Runtime(rank, world, local, device)
+    return Runtime(rank, world, local, device, group=dist.is_initialized())
 
 
 def is_main_process() -> bool:

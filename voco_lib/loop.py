@@ -183,13 +183,14 @@ class _State:
 def fit(model: nn.Module, step_fn: StepFn, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
         run: Run, rt: Runtime, spec: LoopSpec, *, batches: Iterable | None = None,
         evaluate: Callable[[int], dict[str, Any]] | None = None, extra_state: dict[str, Stateful] | None = None,
-        find_unused_parameters: bool = False, show_progress: bool = True) -> int:
-    """Train `model` (already on `rt.device`) to `spec.steps` in `run`; returns the last step reached."""
+        find_unused_parameters: bool = False, ddp: bool = True, show_progress: bool = True) -> int:
+    """Train `model` (already on `rt.device`) to `spec.steps` in `run`; returns the last step reached.
+    `ddp=False`: a method that runs as one process only, never wrapped."""
     st = _State(model, opt, sched, torch.amp.GradScaler("cuda", enabled=spec.amp == "fp16" and rt.device.type == "cuda"),
                 run, rt, spec, extra_state or {})
     start = _resume(st)
     run.write_config()
-    net = wrap_ddp(model, rt, find_unused_parameters=find_unused_parameters)
+    net = wrap_ddp(model, rt, find_unused_parameters=find_unused_parameters) if ddp else model
     autocast = autocast_for(spec.amp, rt.device)
     it = iter(batches) if batches is not None else None
     if rt.main and spec.tensorboard:
@@ -244,7 +245,9 @@ def _train_step(st: _State, net: nn.Module, step_fn: StepFn, it: Any, step: int,
         td = time.perf_counter()
         batch = next(it) if it is not None else None
         data_s += time.perf_counter() - td
-        sync = net.no_sync() if rt.distributed and micro < spec.accum - 1 else contextlib.nullcontext()
+        last = micro == spec.accum - 1
+        sync = net.no_sync() if isinstance(net, nn.parallel.DistributedDataParallel) and not last \
+            else contextlib.nullcontext()
         with sync:
             with autocast():
                 out = step_fn(net, batch, step, micro)

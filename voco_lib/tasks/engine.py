@@ -195,7 +195,8 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
                   f" -> {out}", flush=True)
         t0 = time.time()
         fit(model, lambda net, batch, step, micro: runner.loss(net, step, micro), opt, sched, r, rt, spec,
-            evaluate=lambda step: runner.evaluate(final=False), show_progress=show_progress)
+            evaluate=lambda step: runner.evaluate(final=False), ddp=runner_cls.shards_batches,
+            show_progress=show_progress)
         results = _results(runner, r, spec, {**prov, "n_train": runner.n_train, "steps": spec.steps, "lr": ctx.lr,
                                             "roi": list(ctx.roi), "overrides": _override_list(overrides),
                                             "torch": str(torch.__version__), "world_size": rt.world,
