@@ -302,8 +302,6 @@ def export_bundle(state: Mapping[str, torch.Tensor], out: str | Path, out_channe
     decoder and output layer from `state` too when it has them, else MONAI's initialisation under seed 0 (so
     `out_channels` is needed, and the bundle's description says to fine-tune before use).
     """
-    import monai
-    import numpy as np
     from monai.networks.nets import SwinUNETR
 
     from voco_lib.files import write_text
@@ -326,43 +324,7 @@ def export_bundle(state: Mapping[str, torch.Tensor], out: str | Path, out_channe
     torch.manual_seed(0)
     net = SwinUNETR(in_channels=cin, out_channels=k, feature_size=fs, use_v2=True)
     load_encoder(net, state, name=source)
-    roi = [96, 96, 96]
-    inference = {
-        "imports": ["$import torch"],
-        "bundle_root": ".",
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": "monai.networks.nets.SwinUNETR", "in_channels": cin, "out_channels": k,
-                        "feature_size": fs, "use_v2": True, "spatial_dims": 3},
-        "network": "$@network_def.to(@device)",
-        "checkpoint": "$@bundle_root + '/models/model.pt'",
-        "inferer": {"_target_": "monai.inferers.SlidingWindowInferer", "roi_size": roi, "sw_batch_size": 2,
-                    "overlap": 0.75},
-        "initialize": ["$@network.load_state_dict(torch.load(@checkpoint, map_location=@device, weights_only=True))"],
-    }
-    decoder = "decoder and output layer from the same checkpoint" if head is not None else (
-        "decoder and output layer randomly initialised (seed 0): fine-tune before use")
-    shape = ["32*n"] * 3  # every side a multiple of 32 and at least 64 (n ≥ 2: encoder10's instance norm needs > 1³)
-    metadata = {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
-        "version": "0.1.0",
-        "changelog": {"0.1.0": "exported by `voco weights export --format monai-bundle`"},
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": np.__version__,
-        "optional_packages_version": {},
-        "task": "3D segmentation with a VoCo-pre-trained Swin encoder",
-        "description": f"SwinUNETR-v2 (feature_size {fs}) with the encoder of {Path(source).name}; {decoder}",
-        "authors": "exported by voco",
-        "copyright": "see the licence of the source checkpoint",
-        "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "CT", "num_channels": cin,
-                                 "spatial_shape": shape, "dtype": "float32", "value_range": [0, 1],
-                                 "is_patch_data": True, "channel_def": {str(c): f"channel {c}" for c in range(cin)}}},
-            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": k, "spatial_shape": shape,
-                                 "dtype": "float32", "value_range": [], "is_patch_data": True,
-                                 "channel_def": {str(c): f"class {c}" for c in range(k)}}},
-        },
-    }
+    inference, metadata = _bundle_configs(fs, cin, k, Path(source).name, head is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -378,6 +340,51 @@ def export_bundle(state: Mapping[str, torch.Tensor], out: str | Path, out_channe
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _bundle_configs(fs: int, cin: int, k: int, source: str, has_head: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """configs/inference.json and configs/metadata.json of a bundle around a SwinUNETR-v2 with k outputs."""
+    import monai
+    import numpy as np
+
+    roi = [96, 96, 96]
+    inference = {
+        "imports": ["$import torch"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {"_target_": "monai.networks.nets.SwinUNETR", "in_channels": cin, "out_channels": k,
+                        "feature_size": fs, "use_v2": True, "spatial_dims": 3},
+        "network": "$@network_def.to(@device)",
+        "checkpoint": "$@bundle_root + '/models/model.pt'",
+        "inferer": {"_target_": "monai.inferers.SlidingWindowInferer", "roi_size": roi, "sw_batch_size": 2,
+                    "overlap": 0.75},
+        "initialize": ["$@network.load_state_dict(torch.load(@checkpoint, map_location=@device, weights_only=True))"],
+    }
+    decoder = "decoder and output layer from the same checkpoint" if has_head else (
+        "decoder and output layer randomly initialised (seed 0): fine-tune before use")
+    shape = ["32*n"] * 3  # every side a multiple of 32 and at least 64 (n ≥ 2: encoder10's instance norm needs > 1³)
+    metadata = {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
+        "version": "0.1.0",
+        "changelog": {"0.1.0": "exported by `voco weights export --format monai-bundle`"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "optional_packages_version": {},
+        "task": "3D segmentation with a VoCo-pre-trained Swin encoder",
+        "description": f"SwinUNETR-v2 (feature_size {fs}) with the encoder of {source}; {decoder}",
+        "authors": "exported by voco",
+        "copyright": "see the licence of the source checkpoint",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "CT", "num_channels": cin,
+                                 "spatial_shape": shape, "dtype": "float32", "value_range": [0, 1],
+                                 "is_patch_data": True, "channel_def": {str(c): f"channel {c}" for c in range(cin)}}},
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": k, "spatial_shape": shape,
+                                 "dtype": "float32", "value_range": [], "is_patch_data": True,
+                                 "channel_def": {str(c): f"class {c}" for c in range(k)}}},
+        },
+    }
+    return inference, metadata
 
 
 # ------------------------------------------------------------------------------------------------ registry
