@@ -60,3 +60,15 @@ def test_geometric_context_uses_the_real_sample_ct(samples_data_dir, tmp_path, m
     figures = {p.name: p.read_bytes() for p in (run / "figures").glob("*.png")}
     assert {"sample_views.png", "phantom_views.png", "label_heatmap.png", "prior_across_subjects.png"} <= set(figures)
     assert len(figures["sample_views.png"]) > 10_000 and figures["sample_views.png"] != figures["phantom_views.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["10_segmentation", "12_registration"])
+def test_task_notebooks_display_every_figure_they_save(name, tmp_path, monkeypatch):
+    """Each cell that writes a figure (`viz.show_figure`) also shows it, once per figure."""
+    nb = _run(name, tmp_path / f"{name}.ipynb", {"run_dir": str(tmp_path / "run")}, monkeypatch)
+    cells = [c for c in nb.cells if c.cell_type == "code" and "viz.show_figure(" in c.source]
+    assert cells
+    for c in cells:
+        images = [o for o in c.outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+        assert len(images) == c.source.count("viz.show_figure("), c.source

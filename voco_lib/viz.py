@@ -84,6 +84,18 @@ def save_figure(fig: Figure, run_dir: str | Path, name: str, dpi: int = 110) -> 
     return write_png(fig, Path(run_dir) / "figures" / (name if name.endswith(".png") else name + ".png"), dpi)
 
 
+def show_figure(fig: Figure, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
+    """`save_figure`, then display the PNG in the notebook, once: a Figure built without pyplot is never shown
+    by the inline backend on its own, and a cell may make several."""
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    path = save_figure(fig, run_dir, name, dpi)
+    display(Image(filename=str(path)))
+    plt.close(fig)  # a pyplot figure would otherwise be shown a second time at the end of the cell
+    return path
+
+
 def write_png(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Atomic PNG write of `fig` to `path` (folders created)."""
     with atomic_write(path) as f:
