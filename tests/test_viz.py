@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -173,3 +174,23 @@ def test_pretrain_or_reuse_never_deletes_a_foreign_directory(tmp_path):
     with pytest.raises(ValueError, match="not a voco run directory"):
         demo.pretrain_or_reuse(tmp_path, "smoke", fresh=True)
     assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_voco_demo_trains_into_the_run_every_notebook_finds(tmp_path, monkeypatch):
+    """`make demo`'s pre-training is the notebooks' shared run, so 03 opened in JupyterLab afterwards reuses it."""
+    import shutil
+
+    import papermill
+
+    seen: dict[str, dict] = {}
+
+    def execute(src, dst, parameters, **kw):
+        seen[Path(src).stem] = parameters
+        shutil.copy(src, dst)
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    demo.run_demo(tmp_path, "smoke", notebooks=("00_quickstart", "02_pretraining", "03_position_explorer"))
+    shared = str(demo.shared_pretrain_dir("smoke"))
+    assert seen["00_quickstart"]["pretrain_dir"] == seen["02_pretraining"]["pretrain_dir"] == shared
+    assert seen["03_position_explorer"]["checkpoint"] == shared
+    assert "fresh" not in seen["00_quickstart"]  # a finished identical run is reused, never moved aside

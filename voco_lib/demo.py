@@ -263,7 +263,7 @@ def run_demo(out: str | Path = "runs/demo", profile: str | None = None, notebook
     os.environ["VOCO_HEADLESS"] = "1"  # inherited by the kernels: no blocking viewers
     t_all = time.perf_counter()
     timings: list[tuple[str, float]] = []
-    pretrain_dir = out / "pretrain"  # trained by 00, reused by 02 and 03
+    pretrain_dir = shared_pretrain_dir(profile)  # trained by 00, reused by 02, 03 and by the notebooks opened later
     for name in notebooks:
         src = NOTEBOOKS_DIR / f"{name}.ipynb"
         if not src.is_file():
@@ -273,8 +273,6 @@ def run_demo(out: str | Path = "runs/demo", profile: str | None = None, notebook
             params["checkpoint"] = str(pretrain_dir)
         elif name in ("00_quickstart", "02_pretraining"):
             params["pretrain_dir"] = str(pretrain_dir)
-        if name == "00_quickstart":
-            params["fresh"] = True
         t0 = time.perf_counter()
         print(f"[voco demo] {name} ({profile}) ...", flush=True)
         pm.execute_notebook(str(src), str(out / f"{name}.ipynb"), parameters=params, cwd=str(NOTEBOOKS_DIR),

@@ -225,7 +225,7 @@ def load_explorer_model(checkpoint: str | Path | None, profile: Profile | str | 
 
     if checkpoint is None:
         checkpoint = pretrain_or_reuse(None, profile if isinstance(profile, str) or profile is None else profile.name,
-                                       show_progress=False)
+                                       show_progress=True)
     path = Path(checkpoint)
     if path.is_dir():
         if not (path / "config.yaml").is_file():
