@@ -70,8 +70,10 @@ def test_no_stray_outputs(path: Path):
             assert all(o.output_type == "stream" for o in cell.outputs), f"cell {i}: store text output only"
             assert cell.execution_count is not None, f"cell {i}: nbval skips a checked cell without execution count"
         else:
-            assert not cell.outputs, f"cell {i} has stray outputs; clear them before committing"
-            assert cell.execution_count is None, f"cell {i} has an execution count; clear outputs"
+            fix = (f"run `voco strip-outputs {path.relative_to(NB_DIR.parent)}` (keeps the checked cells; "
+                   f"`git checkout` the file if you changed one of those)")
+            assert not cell.outputs, f"cell {i} has stray outputs (a JupyterLab save?): {fix}"
+            assert cell.execution_count is None, f"cell {i} has an execution count: {fix}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -90,7 +92,7 @@ def test_cells_call_the_library_only(path: Path):
 def test_every_notebook_saves_figures_into_its_run_dir(path: Path):
     sources = "\n".join(c.source for c in _read(path).cells if c.cell_type == "code")
     assert "notebook_run_dir(" in sources
-    assert "viz.save_figure(fig, run_dir" in sources
+    assert "viz.save_figure(fig, run_dir" in sources or "viz.show_figure(fig, run_dir" in sources
 
 
 def test_paper_parameter_file_matches_the_pretraining_notebook():
@@ -99,3 +101,20 @@ def test_paper_parameter_file_matches_the_pretraining_notebook():
     unknown = set(params) - names
     assert not unknown, f"paper_8gpu.yaml sets {sorted(unknown)}, which 02_pretraining has no parameter for"
     assert params["profile"] == "paper" and params["nproc"] == 8
+
+
+def test_strip_outputs_clears_all_but_the_checked_cells(tmp_path):
+    from voco_lib.demo import strip_outputs
+
+    nb = nbformat.v4.new_notebook()
+    plain = nbformat.v4.new_code_cell("print(1)", execution_count=3,
+                                      outputs=[nbformat.v4.new_output("stream", name="stdout", text="1\n")])
+    checked = nbformat.v4.new_code_cell(f"{CHECK}\nprint(2)", execution_count=4,
+                                        outputs=[nbformat.v4.new_output("stream", name="stdout", text="2\n")])
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), plain, checked]
+    path = tmp_path / "00_t.ipynb"
+    nbformat.write(nb, path)
+    assert strip_outputs(path) == 1 and strip_outputs(path) == 0
+    back = _read(path)
+    assert back.cells[1].outputs == [] and back.cells[1].execution_count is None
+    assert back.cells[2].outputs[0]["text"] == "2\n" and back.cells[2].execution_count == 4

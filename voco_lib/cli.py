@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default=None)
     s.set_defaults(func=_handler("voco_lib.demo:cli_demo"))
 
+    s = sub.add_parser("strip-outputs", help="clear the outputs a JupyterLab save left in the repository's notebooks "
+                                             "(keeps the # NBVAL_CHECK_OUTPUT cells); e.g. voco strip-outputs")
+    s.add_argument("notebooks", nargs="*", help="notebook files (default: notebooks/[0-9][0-9]_*.ipynb)")
+    s.set_defaults(func=_handler("voco_lib.demo:cli_strip_outputs"))
+
     s = sub.add_parser("pretrain", help="VoCo pre-training (one process or under torchrun)")
     s.add_argument("--profile", default=None)
     s.add_argument("--data", default="phantom", help="phantom | samples | path to an MSD-style datalist JSON")

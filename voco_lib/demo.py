@@ -30,6 +30,34 @@ DEMO_NOTEBOOKS = ("00_quickstart", "01_geometric_context", "02_pretraining", "03
 HEAVY_WIDGET_STATE = {"01_geometric_context"}
 
 
+# ------------------------------------------------------------------------------------------------ notebooks
+NBVAL_CHECK = "# NBVAL_CHECK_OUTPUT"
+
+
+def strip_outputs(path: str | Path) -> int:
+    """Clear the outputs a JupyterLab save left in a repository notebook, except the `# NBVAL_CHECK_OUTPUT`
+    cells whose stored output nbval compares; returns how many cells were cleared (the file is rewritten
+    atomically only then)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cleared = 0
+    for cell in nb.cells:
+        if cell.cell_type == "code" and NBVAL_CHECK not in cell.source and (cell.outputs or cell.execution_count):
+            cell.outputs, cell.execution_count = [], None
+            cleared += 1
+    if cleared:
+        write_text(path, nbformat.writes(nb) + "\n")
+    return cleared
+
+
+def cli_strip_outputs(args: argparse.Namespace) -> int:
+    """`voco strip-outputs [NOTEBOOK ...]` (default: every notebook of the repository)."""
+    for path in args.notebooks or sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
+        print(f"{path}: {strip_outputs(path)} cell(s) cleared")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ run dirs
 def notebook_run_dir(notebook: str, run_dir: str | Path | None = None, profile: str | None = None) -> Path:
     """The run directory of a notebook (created): `run_dir` if given, else `<repo>/runs/notebooks/<notebook>/<profile>`."""
