@@ -194,3 +194,19 @@ def test_voco_demo_trains_into_the_run_every_notebook_finds(tmp_path, monkeypatc
     assert seen["00_quickstart"]["pretrain_dir"] == seen["02_pretraining"]["pretrain_dir"] == shared
     assert seen["03_position_explorer"]["checkpoint"] == shared
     assert "fresh" not in seen["00_quickstart"]  # a finished identical run is reused, never moved aside
+
+
+@pytest.mark.parametrize("given", [(0, 32, 0), [0, 32, 0], "(0, 32, 0)", "0,32,0", "0x32x0", "[0, 32, 0]"])
+def test_crop_starts_from_papermill_strings(given):
+    """`papermill -p crop_start "(0, 32, 0)"` passes a string: it means the same crop as the tuple."""
+    cfg = resolve("smoke")
+    region = torch.arange(64 * 64 * 32, dtype=torch.float32).reshape(1, 64, 64, 32)
+    v = demo.fixed_views(region, cfg, [given])
+    assert v.random_boxes[0, :, 0].tolist() == [0, 32, 0]
+
+
+def test_a_crop_start_that_is_not_three_numbers_is_one_clear_error():
+    with pytest.raises(ValueError, match="not three voxel indices"):
+        demo.voxel_triple("(0, 32)")
+    with pytest.raises(ValueError, match="not three voxel indices"):
+        demo.voxel_triple("left")

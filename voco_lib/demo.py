@@ -209,6 +209,20 @@ def sample_subject(profile: Profile | str | None = None, index: int = 0, fetch: 
 
 
 # ------------------------------------------------------------------------------------------------ views
+def voxel_triple(value: Sequence[int] | str) -> list[int]:
+    """Three voxel indices from a tuple or list, or the string papermill's `-p` passes ("(0, 32, 0)", "0,32,0",
+    "0x32x0"); anything else is one clear ValueError."""
+    items = value.strip("()[] ").replace("x", ",").split(",") if isinstance(value, str) else list(value)
+    try:
+        out = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        out = []
+    if len(out) != 3:
+        raise ValueError(f"{value!r} is not three voxel indices; pass e.g. -p crop_start '(8, 8, 0)' or "
+                         "-y 'crop_start: [8, 8, 0]'")
+    return out
+
+
 def fixed_views(region: torch.Tensor, cfg: Profile, starts: Sequence[Sequence[int]]) -> Any:
     """VoCo's views of a region with random crops at the given voxel `starts` (no augmentation): for
     looking at one chosen crop position instead of a random draw."""
@@ -216,7 +230,7 @@ def fixed_views(region: torch.Tensor, cfg: Profile, starts: Sequence[Sequence[in
 
     v = cfg.views
     size = torch.tensor(v.crop_size)
-    st = torch.as_tensor(starts, dtype=torch.long).reshape(-1, 3)
+    st = torch.tensor([voxel_triple(s) for s in starts], dtype=torch.long).reshape(-1, 3)
     hi = torch.tensor(v.region) - size
     if ((st < 0) | (st > hi)).any():
         raise ValueError(f"crop starts {st.tolist()} leave the region {v.region} (max start {hi.tolist()})")

@@ -277,4 +277,6 @@ def explorer_widget(model: nn.Module, subject: Any, cfg: Profile) -> Any:
 def explorer_starts(model: nn.Module, start: Sequence[int]) -> list[list[int]]:
     """Random-crop starts to predict for the crop at `start`. With VoCo's heads a second, fixed crop keeps the
     batch (and so the heads' batch normalisation) the same for every position; an encoder alone needs none."""
-    return [list(start)] if isinstance(model, EncoderOnly) else [list(start), [0, 0, 0]]
+    from voco_lib.demo import voxel_triple
+
+    return [voxel_triple(start)] if isinstance(model, EncoderOnly) else [voxel_triple(start), [0, 0, 0]]
