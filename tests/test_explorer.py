@@ -145,3 +145,15 @@ def test_probe_leave_one_out_equals_refitting(released_file, monkeypatch):
     pred = explorer.predict_positions(model, views)
     torch.testing.assert_close(pred, (z @ w).clamp(0, 1).float(), atol=1e-5, rtol=0)
     assert "linear probe" in explorer.prediction_title(model)
+
+
+def test_the_widget_starts_at_the_static_figures_crop_and_hides_a_fixed_axis():
+    """03's sliders start where the static figure's crop is (`crop_start`), clipped to the region; the z axis,
+    along which a smoke-profile crop fills the region, gets no slider."""
+    cfg = resolve("smoke")
+    torch.manual_seed(0)
+    model = VoCoModel(cfg).eval()
+    subject = demo.phantom_subject(3, cfg)
+    box = explorer.explorer_widget(model, subject, cfg, "(8, 40, 0)")
+    sliders = box.children[0].children
+    assert [(s.description, s.value, s.max) for s in sliders] == [("x start", 8, 32), ("y start", 32, 32)]

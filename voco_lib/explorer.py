@@ -246,9 +246,10 @@ def load_explorer_model(checkpoint: str | Path | None, profile: Profile | str | 
     return model, cfg
 
 
-def explorer_widget(model: nn.Module, subject: Any, cfg: Profile) -> Any:
-    """Sliders that move the random crop over the region; shows the crop on the slices and the predicted
-    similarities vs the true overlap labels (and the error), recomputed on every move."""
+def explorer_widget(model: nn.Module, subject: Any, cfg: Profile, start: Sequence[int] | str = (0, 0, 0)) -> Any:
+    """Sliders that move the random crop over the region, starting at `start` (the static figure's crop);
+    shows the crop on the slices and the predicted similarities vs the true overlap labels (and the error),
+    recomputed on every move. An axis along which the crop fills the region has no slider (nothing to move)."""
     import ipywidgets as W
     from IPython.display import display
 
@@ -257,8 +258,11 @@ def explorer_widget(model: nn.Module, subject: Any, cfg: Profile) -> Any:
 
     v = cfg.views
     hi = [r - c for r, c in zip(v.region, v.crop_size)]
-    sliders = {ax: W.IntSlider(value=h // 2, min=0, max=h, description=f"{ax} start", continuous_update=False)
-               for ax, h in zip("xyz", hi)}
+    from voco_lib.demo import voxel_triple
+
+    at = [min(max(0, v0), h) for v0, h in zip(voxel_triple(start), hi)]
+    sliders = {ax: W.IntSlider(value=a, min=0, max=h, description=f"{ax} start", continuous_update=False)
+               for ax, a, h in zip("xyz", at, hi)}
     out = W.Output()
 
     def update(x: int, y: int, z: int) -> None:
