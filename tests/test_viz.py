@@ -210,3 +210,10 @@ def test_a_crop_start_that_is_not_three_numbers_is_one_clear_error():
         demo.voxel_triple("(0, 32)")
     with pytest.raises(ValueError, match="not three voxel indices"):
         demo.voxel_triple("left")
+
+
+def test_smoothing_is_the_debiased_moving_average():
+    # w = 0.5: s1 = 0.5·4 / (1 − 0.5) = 4; s2 = (0.5·2 + 0.5·0) / 0.75 = 4/3
+    assert viz.smoothed([4.0, 0.0], 0.5) == pytest.approx([4.0, 4 / 3])
+    assert viz.smoothed([1.0, 2.0, 3.0], 0.0) == [1.0, 2.0, 3.0]
+    assert viz.smoothed([5.0] * 20, 0.9) == pytest.approx([5.0] * 20)  # a constant stays constant (no bias to 0)

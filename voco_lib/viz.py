@@ -311,12 +311,23 @@ def read_metrics(metrics: str | Path | Iterable[dict[str, Any]]) -> list[dict[st
     return list(metrics)
 
 
+def smoothed(values: Sequence[float], weight: float) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing): s_t = w·s_{t−1} + (1 − w)·v_t, divided by
+    1 − w^t so the first points are not pulled towards 0. weight 0 returns the values."""
+    out, acc = [], 0.0
+    for t, v in enumerate(values, 1):
+        acc = weight * acc + (1 - weight) * v
+        out.append(acc / (1 - weight**t) if weight else v)
+    return out
+
+
 def plot_metrics(metrics: str | Path | Iterable[dict[str, Any]], figures_dir: str | Path | None = None,
-                 fig: Figure | None = None) -> Figure:
+                 fig: Figure | None = None, smooth: float = 0.8) -> Figure:
     """Loss terms, learning rate and held-out position accuracy against the step, from metrics.jsonl.
 
-    With `figures_dir` the figure is also written there as `metrics.png` (the pre-training loop does this
-    at the end of a run).
+    Loss terms are noisy step to step (each step sees new random crops): the raw values are drawn faint and
+    a `smooth`-weighted moving average (`smoothed`) over them, once there are 10 points or more. With
+    `figures_dir` the figure is also written there as `metrics.png` (the pre-training loop does this at the end).
     """
     recs = read_metrics(metrics)
     train = [r for r in recs if r.get("kind") == "train"]
@@ -324,10 +335,14 @@ def plot_metrics(metrics: str | Path | Iterable[dict[str, Any]], figures_dir: st
     fig = fig or Figure(figsize=(13, 3.8), layout="constrained")
     ax_loss, ax_lr, ax_acc = fig.subplots(1, 3)
     steps = [r["step"] for r in train]
+    w = smooth if len(steps) >= 10 else 0.0
     for key, style in (("loss", "-"), ("intra", "--"), ("inter", "--"), ("reg", ":")):
         if train and key in train[0]:
-            ax_loss.plot(steps, [r[key] for r in train], style, label=key, marker="." if len(steps) < 30 else None)
-    ax_loss.set(xlabel="step", ylabel="loss", title="loss terms")
+            raw = [r[key] for r in train]
+            line, = ax_loss.plot(steps, smoothed(raw, w), style, label=key, marker="." if len(steps) < 30 else None)
+            if w:
+                ax_loss.plot(steps, raw, style, color=line.get_color(), alpha=0.25, linewidth=0.8)
+    ax_loss.set(xlabel="step", ylabel="loss", title=f"loss terms (smoothed, w={w:g}; raw faint)" if w else "loss terms")
     if train:
         ax_loss.legend(fontsize=8)
         ax_lr.plot(steps, [r.get("lr", math.nan) for r in train], color="tab:purple")
