@@ -157,3 +157,16 @@ def test_the_widget_starts_at_the_static_figures_crop_and_hides_a_fixed_axis():
     box = explorer.explorer_widget(model, subject, cfg, "(8, 40, 0)")
     sliders = box.children[0].children
     assert [(s.description, s.value, s.max) for s in sliders] == [("x start", 8, 32), ("y start", 32, 32)]
+
+
+def test_hit_rate_counts_top1_over_many_held_out_crops(monkeypatch):
+    """A perfect predictor scores 1, an inverted one 0, over the crops drawn; chance is 1/K."""
+    cfg = resolve("smoke")
+    monkeypatch.setattr(explorer, "predict_positions", lambda model, views: views.labels)
+    perfect = explorer.hit_rate(object(), cfg, n_subjects=2, crops=3)
+    assert (perfect.top1, perfect.n_crops, perfect.chance) == (1.0, 6, 0.25)
+    assert len({tuple(v.random_boxes[0, :, 0].tolist()) for _, v, _, _ in perfect.examples}) > 1  # crops vary
+    monkeypatch.setattr(explorer, "predict_positions", lambda model, views: 1 - views.labels)
+    assert explorer.hit_rate(object(), cfg, n_subjects=2, crops=3).top1 == 0.0
+    fig = explorer.plot_hits_and_misses(perfect, cfg)
+    assert "top-1 position accuracy 1.00 over 6 random crops (chance 0.25)" in fig.get_suptitle()

@@ -200,6 +200,57 @@ def prediction_title(model: nn.Module) -> str:
     return "VoCo heads: ReLU(cos(student(random), teacher(base)))"
 
 
+@dataclasses.dataclass
+class HitRate:
+    """Top-1 position accuracy over many random crops of held-out volumes, against chance 1/K."""
+
+    top1: float
+    chance: float
+    n_crops: int
+    examples: list[tuple[Any, Views, torch.Tensor, bool]]  # (subject, views of one crop, prediction, hit)
+
+    def __str__(self) -> str:
+        return (f"held-out top-1 position accuracy {self.top1:.2f} over {self.n_crops} random crops "
+                f"(chance {self.chance:.2f})")
+
+
+def hit_rate(model: nn.Module, cfg: Profile, seed: int = 500_000, n_subjects: int = 4, crops: int = 16) -> HitRate:
+    """How often the most similar base crop is the most-overlapped one, over `crops` uniformly placed random
+    crops in each of `n_subjects` phantoms the run never trained on (seeds from `seed`): one showcase crop
+    says little. Each crop is predicted alone (with the fixed second crop `explorer_starts` adds)."""
+    from voco_lib.demo import fixed_views, phantom_subject
+
+    g = torch.Generator().manual_seed(seed)
+    hi = [r - c for r, c in zip(cfg.views.region, cfg.views.crop_size)]
+    examples = []
+    for i in range(n_subjects):
+        subject = phantom_subject(seed + i, cfg)
+        for _ in range(crops):
+            start = [int(torch.randint(h + 1, (), generator=g)) for h in hi]
+            views = fixed_views(subject.region, cfg, explorer_starts(model, start))
+            pred = predict_positions(model, views)
+            examples.append((subject, views, pred, bool(pred[0].argmax() == views.labels[0].argmax())))
+    hits = sum(e[3] for e in examples)
+    return HitRate(hits / len(examples), 1.0 / cfg.views.n_bases, len(examples), examples)
+
+
+def plot_hits_and_misses(rate: HitRate, cfg: Profile, per_kind: int = 2) -> Any:
+    """The first `per_kind` hits and misses of `hit_rate`, one row each (prediction, truth, error): what a
+    right and a wrong answer look like at this budget."""
+    from matplotlib.figure import Figure
+
+    from voco_lib import viz
+
+    rows = ([e for e in rate.examples if e[3]][:per_kind] + [e for e in rate.examples if not e[3]][:per_kind])
+    fig = Figure(figsize=(13, 3.6 * max(len(rows), 1)), layout="constrained")
+    for sub, (subject, views, pred, hit) in zip(fig.subfigures(max(len(rows), 1), 1, squeeze=False)[:, 0], rows):
+        start = views.random_boxes[0, :, 0].tolist()
+        viz.plot_prediction(pred[0], views.labels[0], cfg.views.grid, subject.extent_mm[:2], fig=sub,
+                            title=f"{'hit' if hit else 'miss'}: {subject.name}, crop at {start}")
+    fig.suptitle(str(rate))
+    return fig
+
+
 def plot_prediction(model: nn.Module, pred: torch.Tensor, views: Views, cfg: Profile, subject: Any) -> Any:
     """`viz.plot_prediction` of the first random crop, titled and labelled by what produced `pred`."""
     from voco_lib import viz
