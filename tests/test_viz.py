@@ -187,13 +187,21 @@ def test_voco_demo_trains_into_the_run_every_notebook_finds(tmp_path, monkeypatc
     def execute(src, dst, parameters, **kw):
         seen[Path(src).stem] = parameters
         shutil.copy(src, dst)
+        viz.write_png(Figure(figsize=(1, 1)), Path(parameters["run_dir"]) / "figures" / "a.png")
 
     monkeypatch.setattr(papermill, "execute_notebook", execute)
-    demo.run_demo(tmp_path, "smoke", notebooks=("00_quickstart", "02_pretraining", "03_position_explorer"))
+    report = demo.run_demo(tmp_path, "smoke", notebooks=("00_quickstart", "02_pretraining", "03_position_explorer"))
     shared = str(demo.shared_pretrain_dir("smoke"))
     assert seen["00_quickstart"]["pretrain_dir"] == seen["02_pretraining"]["pretrain_dir"] == shared
     assert seen["03_position_explorer"]["checkpoint"] == shared
     assert "fresh" not in seen["00_quickstart"]  # a finished identical run is reused, never moved aside
+    text = report.read_text()  # self-contained: figures embedded, nothing loaded from elsewhere
+    assert text.count("data:image/png;base64,") == 3 and "02_pretraining" in text
+    import re
+
+    for page in [report, *tmp_path.glob("*.html")]:  # nothing the page loads from a network (links are fine)
+        loads = re.findall(r'<(?:script|link|img)[^>]*(?:src|href)="(?:https?:)?//[^"]*"', page.read_text())
+        assert not loads and '<script src="">' not in page.read_text(), (page, loads)
 
 
 @pytest.mark.parametrize("given", [(0, 32, 0), [0, 32, 0], "(0, 32, 0)", "0,32,0", "0x32x0", "[0, 32, 0]"])

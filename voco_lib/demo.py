@@ -297,7 +297,6 @@ def run_demo(out: str | Path = "runs/demo", profile: str | None = None, notebook
     """
     import nbformat
     import papermill as pm
-    from nbconvert import HTMLExporter
 
     profile = profile_name(profile)  # once, so that every notebook runs the same named profile
     out = Path(out).resolve()
@@ -322,20 +321,50 @@ def run_demo(out: str | Path = "runs/demo", profile: str | None = None, notebook
                             execution_timeout=timeout_s)
         timings.append((name, time.perf_counter() - t0))
         print(f"[voco demo] {name}: {timings[-1][1]:.0f} s", flush=True)
-    exporter = HTMLExporter()
-    links = []
-    for name, secs in timings:
-        body, _ = exporter.from_notebook_node(nbformat.read(out / f"{name}.ipynb", as_version=4))
-        (out / f"{name}.html").write_text(body, encoding="utf-8")
-        links.append(f'<li><a href="{name}.html">{name}</a> ({secs:.0f} s) — run directory '
-                     f'<code>{name}/</code></li>')
+    for name, _ in timings:
+        write_text(out / f"{name}.html", offline_html(nbformat.read(out / f"{name}.ipynb", as_version=4)))
     total = time.perf_counter() - t_all
-    report = out / "report.html"
-    write_text(report, f"<html><head><meta charset='utf-8'><title>voco demo</title></head><body>"
-                   f"<h1>voco demo ({profile} profile)</h1><p>Total {total:.0f} s.</p><ul>{''.join(links)}</ul>"
-                   f"</body></html>")
+    report = write_text(out / "report.html", report_html(out, profile, timings, total, pretrain_dir))
     print(f"[voco demo] done in {total / 60:.1f} min; report: {report}", flush=True)
     return report
+
+
+def offline_html(nb: Any) -> str:
+    """A notebook as HTML that opens without a network: no require.js/MathJax/widget scripts from a CDN
+    (equations then show as their TeX source; widget cells show their static figure before them)."""
+    import re
+
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(mathjax_url="", require_js_url="", jupyter_widgets_base_url="", widget_renderer_url="",
+                            mermaid_js_url="", mermaid_layout_elk_js_url="")
+    body, _ = exporter.from_notebook_node(nb)
+    return re.sub(r'<script src="">\s*</script>', "", body)
+
+
+def report_html(out: Path, profile: str, timings: Sequence[tuple[str, float]], total: float,
+                pretrain_dir: Path) -> str:
+    """`voco demo`'s self-contained summary: timings, the pre-training's held-out accuracy against chance, and
+    every figure the notebooks wrote, embedded (base64) so the one file can be mailed or opened offline."""
+    import base64
+    import html
+
+    from voco_lib.runs import read_metrics
+
+    evals = read_metrics(pretrain_dir, "eval") if (pretrain_dir / "metrics.jsonl").is_file() else []
+    acc = (f"<p>Pre-training ({html.escape(str(pretrain_dir))}): held-out top-1 position accuracy "
+           f"{evals[0]['top1']:.2f} at step 0 → {evals[-1]['top1']:.2f} at step {evals[-1]['step']} "
+           f"(chance {evals[-1]['chance']:.2f}).</p>") if evals else "<p>No pre-training metrics found.</p>"
+    parts = [f"<h1>voco demo ({html.escape(profile)} profile)</h1><p>Total {total:.0f} s.</p>", acc]
+    for name, secs in timings:
+        parts.append(f'<h2>{name} ({secs:.0f} s) — <a href="{name}.html">notebook</a>, run directory '
+                     f"<code>{name}/</code></h2>")
+        for png in sorted((out / name / "figures").glob("*.png")):
+            data = base64.b64encode(png.read_bytes()).decode()
+            parts.append(f'<figure><img style="max-width:100%" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{html.escape(png.name)}</figcaption></figure>")
+    return ("<html><head><meta charset='utf-8'><title>voco demo</title></head><body>" + "".join(parts)
+            + "</body></html>")
 
 
 def cli_demo(args: argparse.Namespace) -> int:
