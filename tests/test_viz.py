@@ -231,3 +231,14 @@ def test_without_the_samples_the_stand_in_says_how_to_get_a_real_ct(monkeypatch)
     monkeypatch.setattr(demo, "samples_datalist", lambda: None)
     s = demo.sample_subject("smoke")
     assert s.name.startswith("phantom") and "fetch_samples = True" in s.note and "voco fetch samples" in s.note
+
+
+def test_grid_maps_mark_each_cell_with_its_index_in_the_vector():
+    """The printed label vector maps to the heatmap: cell (i, j) of a 2x2x1 grid is k = 2i + j (grid_boxes)."""
+    labels = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    fig = viz.label_heatmap(labels, (2, 2, 1), (100.0, 100.0))
+    texts = {t.get_text(): t.get_position() for t in fig.axes[0].texts}
+    for k, value in enumerate(labels.tolist()):
+        assert texts[f"k={k}"][0] == pytest.approx(texts[f"{value:.2f}"][0])  # same cell column
+    deep = viz.label_heatmap(torch.arange(8.0) / 8, (2, 2, 2), (100.0, 100.0))
+    assert {t.get_text() for t in deep.axes[1].texts} >= {"k=1", "k=3", "k=5", "k=7"}  # layer 1: k = 2(2i + j) + 1

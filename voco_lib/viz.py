@@ -123,8 +123,11 @@ def _rect(ax, box: np.ndarray, plane: str, spacing: np.ndarray, color: str, lw: 
     h, v = _PLANES[plane]["axes"]
     x0, x1 = box[h] * spacing[h]
     y0, y1 = box[v] * spacing[v]
+    from matplotlib import patheffects
+
     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, lw=lw,
-                           linestyle="-" if inside else "--", label=label))
+                           linestyle="-" if inside else "--", label=label,
+                           path_effects=[patheffects.withStroke(linewidth=lw + 1.6, foreground="black")]))
 
 
 # ------------------------------------------------------------------------------------------------ planes
@@ -174,7 +177,8 @@ def plane_views(
             _rect(ax, b, plane, sp, GRID_COLOR, 1.2, inside)
             cx, cy = b[h].mean() * sp[h], b[v].mean() * sp[v]
             if plane == "axial":
-                ax.text(cx, cy, str(k), color=GRID_COLOR, ha="center", va="center", fontsize=9, alpha=0.8)
+                ax.text(cx, cy, f"k={k}", color=GRID_COLOR, ha="center", va="center", fontsize=11,
+                        fontweight="bold", bbox=dict(boxstyle="round,pad=0.2", facecolor="black", alpha=0.6, lw=0))
         for b in crops:
             inside = b[cut, 0] <= point[cut] < b[cut, 1]
             _rect(ax, b, plane, sp, CROP_COLOR, 2.0, inside)
@@ -187,8 +191,9 @@ def plane_views(
 
 # ------------------------------------------------------------------------------------------------ grid maps
 def _grid_panel(ax, values: np.ndarray, grid: Sequence[int], region_mm: Sequence[float] | None, title: str,
-                cmap: str = "viridis", vmax: float = 1.0, fmt: str = "{:.2f}") -> Any:
-    """One depth layer of a grid-shaped vector (K,) drawn over the axial plane of the region (mm, or cells)."""
+                cmap: str = "viridis", vmax: float = 1.0, fmt: str = "{:.2f}", layer: int | None = None) -> Any:
+    """One depth layer of a grid-shaped vector (K,) drawn over the axial plane of the region (mm, or cells),
+    each cell marked with its index k in the vector (`layer` l of a deeper grid: k = i·gy·gz + j·gz + l)."""
     gx, gy = int(grid[0]), int(grid[1])
     unit = "mm" if region_mm is not None else "grid cells"
     region_mm = region_mm if region_mm is not None else (gx, gy)
@@ -198,9 +203,13 @@ def _grid_panel(ax, values: np.ndarray, grid: Sequence[int], region_mm: Sequence
     cw, ch = region_mm[0] / gx, region_mm[1] / gy
     for i in range(gx):
         for j in range(gy):
-            val = m[i, j]
-            ax.text((i + 0.5) * cw, (j + 0.5) * ch, fmt.format(val), ha="center", va="center", fontsize=9,
-                    color="white" if val < 0.6 * vmax else "black")
+            val, ink = m[i, j], "white" if m[i, j] < 0.6 * vmax else "black"
+            ax.text((i + 0.5) * cw, (j + 0.5) * ch, fmt.format(val), ha="center", va="center", fontsize=10,
+                    color=ink)
+            if layer is not None:
+                k = (i * gy + j) * int((tuple(grid) + (1,))[2]) + layer
+                ax.text((i + 0.5) * cw, (j + 0.85) * ch, f"k={k}", ha="center", va="center", fontsize=8,
+                        color=ink, alpha=0.8)
     _setup_axes(ax, "axial", (region_mm[0], region_mm[1]), title, unit)
     return im
 
@@ -221,7 +230,7 @@ def label_heatmap(labels: Any, grid: Sequence[int], region_mm: Sequence[float] |
     axes = np.atleast_1d(fig.subplots(1, layers.shape[2]))
     for l, ax in enumerate(axes):
         im = _grid_panel(ax, layers[:, :, l].reshape(-1), grid, region_mm,
-                         title if layers.shape[2] == 1 else f"{title}, layer {l}")
+                         title if layers.shape[2] == 1 else f"{title}, layer {l}", layer=l)
     fig.colorbar(im, ax=list(axes), shrink=0.8)
     return fig
 
@@ -239,7 +248,8 @@ def plot_prediction(pred: Any, labels: Any, grid: Sequence[int], region_mm: Sequ
     for ax, vals, name, cmap in ((axes[0], p, pred_name, "viridis"),
                                  (axes[1], t, "true overlap label", "viridis"),
                                  (axes[2], err, f"|error| (mean {err.mean():.3f})", "magma")):
-        im = _grid_panel(ax, vals.reshape(-1), grid, region_mm, name, cmap=cmap)
+        im = _grid_panel(ax, vals.reshape(-1), grid, region_mm, name, cmap=cmap,
+                         layer=0 if (tuple(grid) + (1,))[2] == 1 else None)  # averaged over depth: no single k
     fig.colorbar(im, ax=list(axes), shrink=0.8)
     if title:
         fig.suptitle(title)
