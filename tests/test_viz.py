@@ -242,3 +242,11 @@ def test_grid_maps_mark_each_cell_with_its_index_in_the_vector():
         assert texts[f"k={k}"][0] == pytest.approx(texts[f"{value:.2f}"][0])  # same cell column
     deep = viz.label_heatmap(torch.arange(8.0) / 8, (2, 2, 2), (100.0, 100.0))
     assert {t.get_text() for t in deep.axes[1].texts} >= {"k=1", "k=3", "k=5", "k=7"}  # layer 1: k = 2(2i + j) + 1
+
+
+def test_plane_views_legend_names_the_organs_in_the_slices():
+    subject = demo.phantom_subject(0, "smoke")
+    fig = viz.plane_views(subject.region, subject.spacing, label=subject.label, label_names=subject.label_names)
+    names = {t.get_text() for leg in fig.legends for t in leg.get_texts()}
+    assert names and names <= set(subject.label_names.values()) - {"background"}
+    assert not viz.plane_views(subject.region, subject.spacing, label=subject.label).legends  # no names, no legend

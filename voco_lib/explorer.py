@@ -323,7 +323,8 @@ def explorer_widget(model: nn.Module, subject: Any, cfg: Profile, start: Sequenc
         with out:
             out.clear_output(wait=True)
             display(viz.plane_views(subject.region, subject.spacing, views.base_boxes, views.random_boxes[:1],
-                                    label=subject.label, title=subject.name))
+                                    label=subject.label, title=subject.name,
+                                    label_names=subject.label_names))
             display(plot_prediction(model, pred, views, cfg, subject))
 
     controls = W.interactive_output(update, sliders)

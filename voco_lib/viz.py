@@ -141,12 +141,14 @@ def plane_views(
     title: str | None = None,
     window: tuple[float, float] | None = None,
     fig: Figure | None = None,
+    label_names: dict[int, str] | None = None,
 ) -> Figure:
     """Axial, coronal and sagittal slices through `point` (voxel index; default: the first crop's centre).
 
     Base crops (`grid_boxes`) are drawn in yellow with their index k, random crops (`crop_boxes`) in red;
     a box the slice does not pass through is drawn dashed (its projection). `label` (an integer map) is
-    overlaid in colour. `window` is the display range (default: the 1st-99th percentile).
+    overlaid in colour, with a legend of the `label_names` shown in the slices. `window` is the display
+    range (default: the 1st-99th percentile).
     """
     img = to_numpy(image).astype(np.float32)
     if img.ndim != 3:
@@ -184,9 +186,27 @@ def plane_views(
             _rect(ax, b, plane, sp, CROP_COLOR, 2.0, inside)
         where = f"{'xyz'[cut]} = {point[cut] * sp[cut]:.0f} mm"
         _setup_axes(ax, plane, extent, f"{plane} ({where})")
+    if lab is not None and label_names:
+        _label_legend(fig, lab, point, label_names)
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _label_legend(fig: Figure, lab: np.ndarray, point: Sequence[int], names: dict[int, str]) -> None:
+    """A legend of the named classes visible in the three slices through `point`, in the overlay's colours."""
+    from matplotlib.patches import Patch
+
+    shown = set()
+    for cut in range(3):
+        sl = [slice(None)] * 3
+        sl[cut] = point[cut]
+        shown |= set(np.unique(lab[tuple(sl)]).tolist())
+    colours = _label_colours()
+    handles = [Patch(facecolor=colours[(i - 1) % len(colours)], alpha=0.6, label=names[i])
+               for i in sorted(shown) if i > 0 and i in names]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
 
 
 # ------------------------------------------------------------------------------------------------ grid maps
