@@ -185,6 +185,7 @@ def test_voco_demo_trains_into_the_run_every_notebook_finds(tmp_path, monkeypatc
     seen: dict[str, dict] = {}
 
     def execute(src, dst, parameters, **kw):
+        assert kw["extra_arguments"] == demo.KERNEL_QUIET  # no per-notebook TCP warning from the kernels
         seen[Path(src).stem] = parameters
         shutil.copy(src, dst)
         viz.write_png(Figure(figsize=(1, 1)), Path(parameters["run_dir"]) / "figures" / "a.png")

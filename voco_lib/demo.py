@@ -25,6 +25,9 @@ from voco_lib.files import write_text
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO / "notebooks"
 DEMO_NOTEBOOKS = ("00_quickstart", "01_geometric_context", "02_pretraining", "03_position_explorer")
+# The demo's kernels talk to papermill over loopback only; their per-notebook "running over TCP without
+# encryption" warning says nothing actionable there, so kernel-app logging stops at errors.
+KERNEL_QUIET = ["--IPKernelApp.log_level=ERROR"]
 # Notebooks whose widget state would be megabytes (NiiVue stores its JavaScript and the volume bytes). The
 # others keep it: nbclient cannot run an ipywidgets Output widget with store_widget_state=False (KeyError).
 HEAVY_WIDGET_STATE = {"01_geometric_context"}
@@ -319,7 +322,7 @@ def run_demo(out: str | Path = "runs/demo", profile: str | None = None, notebook
         print(f"[voco demo] {name} ({profile}) ...", flush=True)
         pm.execute_notebook(str(src), str(out / f"{name}.ipynb"), parameters=params, cwd=str(NOTEBOOKS_DIR),
                             kernel_name="python3", store_widget_state=name not in HEAVY_WIDGET_STATE, progress_bar=False,
-                            execution_timeout=timeout_s)
+                            execution_timeout=timeout_s, extra_arguments=KERNEL_QUIET)
         timings.append((name, time.perf_counter() - t0))
         print(f"[voco demo] {name}: {timings[-1][1]:.0f} s", flush=True)
     for name, _ in timings:
