@@ -321,7 +321,7 @@ def run_demo(out: str | Path = "runs/demo", profile: str | None = None, notebook
         t0 = time.perf_counter()
         print(f"[voco demo] {name} ({profile}) ...", flush=True)
         pm.execute_notebook(str(src), str(out / f"{name}.ipynb"), parameters=params, cwd=str(NOTEBOOKS_DIR),
-                            kernel_name="python3", store_widget_state=name not in HEAVY_WIDGET_STATE, progress_bar=False,
+                            kernel_name="python3", store_widget_state=name not in HEAVY_WIDGET_STATE, progress_bar=True,
                             execution_timeout=timeout_s, extra_arguments=KERNEL_QUIET)
         timings.append((name, time.perf_counter() - t0))
         print(f"[voco demo] {name}: {timings[-1][1]:.0f} s", flush=True)
