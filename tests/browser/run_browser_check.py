@@ -1,5 +1,7 @@
-"""Real-browser check of the 3-D viewer: JupyterLab + headless Chromium run 01_geometric_context and the
-NiiVue canvas must show the volume (not a blank canvas).
+"""Real-browser check of the 3-D viewer: JupyterLab + headless Chromium run 01_geometric_context; the NiiVue
+canvas must show the volume (not a blank canvas), the organ label layer (saturated colours over the grey CT),
+the base-crop outlines (the box colour, yellow) and the crosshair (cyan), and a click on the axial panel must
+move the crosshair.
 
 Installs nothing: it needs Debian's Chromium at /usr/bin/chromium and the `browser` extra (playwright);
 `make test-browser` provides both. Steps: start JupyterLab on 127.0.0.1 (no token, a temporary settings
@@ -30,6 +32,9 @@ NOTEBOOK = "notebooks/01_geometric_context.ipynb"
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts"
 MIN_FOREGROUND = 0.02  # fraction of canvas pixels that must differ from the background
+# Colours viz._view_niivue draws with: the grid boxes' label colour and the crosshair.
+BOX_RGB, CROSSHAIR_RGB = (255, 210, 31), (0, 204, 255)
+MIN_BOX, MIN_LABEL = 0.002, 0.02  # fractions of canvas pixels
 
 
 def _free_port() -> int:
@@ -72,6 +77,35 @@ def foreground_fraction(png: Path) -> float:
     colours, counts = np.unique(a, axis=0, return_counts=True)
     bg = colours[counts.argmax()]
     return float((np.abs(a - bg).max(1) > 24).mean())
+
+
+def _rgb(png: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
+
+
+def near(a, rgb: tuple[int, int, int], tol: int = 40):
+    """Mask of pixels within `tol` of `rgb` in every channel."""
+    import numpy as np
+
+    return (np.abs(a - np.asarray(rgb)) <= tol).all(-1)
+
+
+def layer_fractions(png: Path) -> dict[str, float]:
+    """Shares of canvas pixels in the box colour, and saturated non-box, non-crosshair pixels (the organ labels
+    blended over a grey CT; the CT itself has R ≈ G ≈ B)."""
+    a = _rgb(png)
+    box, cross = near(a, BOX_RGB), near(a, CROSSHAIR_RGB)
+    saturated = (a.max(-1) - a.min(-1)) > 40
+    return {"box": float(box.mean()), "label": float((saturated & ~box & ~cross).mean())}
+
+
+def crosshair_moved(before: Path, after: Path) -> bool:
+    """The crosshair's pixels are not where they were: the click moved it."""
+    a, b = near(_rgb(before), CROSSHAIR_RGB, 30), near(_rgb(after), CROSSHAIR_RGB, 30)
+    return bool(a.any() and b.any() and (a ^ b).mean() > 0.001)
 
 
 def run(negative_control: bool, timeout_s: int) -> float:
@@ -132,12 +166,19 @@ def run(negative_control: bool, timeout_s: int) -> float:
             shot = ARTIFACTS / f"browser-{name}-canvas.png"
             canvas.screenshot(path=str(shot))
             page.screenshot(path=str(ARTIFACTS / f"browser-{name}-page.png"), full_page=False)
+            box = canvas.bounding_box()
+            if box and not negative_control:  # a click a third of the way into the axial (leftmost) panel
+                page.mouse.click(box["x"] + box["width"] * 0.08, box["y"] + box["height"] * 0.35)
+                page.wait_for_timeout(1500)
+                canvas.screenshot(path=str(ARTIFACTS / f"browser-{name}-after-click.png"))
             ctx.close()
         frac = foreground_fraction(shot)
         print(f"browser check ({name}): canvas {shot} has {frac:.1%} non-background pixels; "
               f"{n_errors} cell errors; {time.time() - t0:.0f} s")
         if n_errors:
             raise SystemExit(f"FAILED: {n_errors} cell(s) raised in JupyterLab; see {ARTIFACTS}/browser-{name}-page.png")
+        if frac >= MIN_FOREGROUND and not negative_control:
+            check_layers(shot, ARTIFACTS / f"browser-{name}-after-click.png")
         return frac
     finally:
         lab.terminate()
@@ -146,6 +187,16 @@ def run(negative_control: bool, timeout_s: int) -> float:
         except subprocess.TimeoutExpired:
             lab.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_layers(shot: Path, after_click: Path) -> None:
+    """The label layer and the box outlines are drawn, and the click moved the crosshair (else SystemExit)."""
+    f = layer_fractions(shot)
+    moved = after_click.is_file() and crosshair_moved(shot, after_click)
+    print(f"layers: box colour {f['box']:.2%} of the canvas (need {MIN_BOX:.1%}), organ labels {f['label']:.1%} "
+          f"(need {MIN_LABEL:.0%}); crosshair moved by the click: {moved}")
+    if f["box"] < MIN_BOX or f["label"] < MIN_LABEL or not moved:
+        raise SystemExit(f"FAILED: the viewer misses a layer or ignored the click; see {shot} and {after_click}")
 
 
 def main() -> int:
