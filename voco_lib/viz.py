@@ -491,6 +491,7 @@ def _view_niivue(img, lab, boxes, sp, height, label_names):
 
     nv = NiiVue(height=height, slice_type=SliceType.MULTIPLANAR, multiplanar_show_render=ShowRender.ALWAYS,
                 is_radiological_convention=True, is_colorbar=False, show_3d_crosshair=True,
+                sagittal_nose_left=True, is_orient_cube=True,  # as the static figure: anterior on the left
                 crosshair_color=(0.0, 0.8, 1.0, 1.0))  # cyan: red is the random crop
     lo, hi = (float(v) for v in np.percentile(img, [1, 99]))
     vols = [{"data": nifti_bytes(img, sp), "name": "image.nii", "colormap": "gray", "cal_min": lo, "cal_max": hi}]
