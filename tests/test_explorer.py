@@ -170,3 +170,9 @@ def test_hit_rate_counts_top1_over_many_held_out_crops(monkeypatch):
     assert explorer.hit_rate(object(), cfg, n_subjects=2, crops=3).top1 == 0.0
     fig = explorer.plot_hits_and_misses(perfect, cfg)
     assert "top-1 position accuracy 1.00 over 6 random crops (chance 0.25)" in fig.get_suptitle()
+
+
+def test_hit_rate_crops_default_skips_slow_encoder_only_files(released_file):
+    enc, cfg = explorer.load_encoder_only(released_file, "smoke")
+    assert explorer.hit_rate_crops(enc, None) == 0 and explorer.hit_rate_crops(enc, 4) == 4
+    assert explorer.hit_rate_crops(VoCoModel(resolve("smoke")), None) == 16

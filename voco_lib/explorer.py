@@ -235,6 +235,14 @@ def hit_rate(model: nn.Module, cfg: Profile, seed: int = 500_000, n_subjects: in
     return HitRate(hits / len(examples), 1.0 / cfg.views.n_bases, len(examples), examples)
 
 
+def hit_rate_crops(model: nn.Module, requested: int | None) -> int:
+    """Crops per held-out phantom for 03's hit rate: as requested, else 16 for a run of ours and 0 for an
+    encoder-only file (a released Swin-B embeds each crop with 9 base crops at 64³: ≈17 s per crop on a CPU)."""
+    if requested is not None:
+        return int(requested)
+    return 0 if isinstance(model, EncoderOnly) else 16
+
+
 def plot_hits_and_misses(rate: HitRate, cfg: Profile, per_kind: int = 2) -> Any:
     """The first `per_kind` hits and misses of `hit_rate`, one row each (prediction, truth, error): what a
     right and a wrong answer look like at this budget."""
