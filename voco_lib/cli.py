@@ -1,4 +1,4 @@
-"""`voco` command line: demo | pretrain | finetune | nnunet | phantom | fetch | weights | tasks.
+"""`voco` command line: demo | pretrain | finetune | nnunet | phantom | datalist | fetch | weights | tasks.
 
 Each subcommand parses its arguments here and hands them to one function in the module that owns the
 concept (imported lazily, so `voco --help` stays fast). `main` turns every failure into one line on stderr,
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pretrain", help="VoCo pre-training (one process or under torchrun)")
     s.add_argument("--profile", default=None)
-    s.add_argument("--data", default="phantom", help="phantom | samples | path to an MSD-style datalist JSON")
+    s.add_argument("--data", default="phantom", help="phantom | samples | an MSD-style datalist JSON | a folder of scans")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -85,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_handler("voco_lib.data.phantom:cli_phantom"))
+
+    s = sub.add_parser("datalist", help="list a folder of scans (NIfTI, NRRD/MHA, DICOM series) as an MSD-style datalist")
+    s.add_argument("folder", help="the folder of scans (searched recursively)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--labels", default=None, help="folder of label maps, paired with the images by file name")
+    g.add_argument("--label-pattern", default=None, help="file names that are labels, e.g. '*_seg.nii.gz' (pairs case1_seg with case1)")
+    s.add_argument("--validation", type=float, default=0.2, help="fraction of the scans held out for validation")
+    s.add_argument("--seed", type=int, default=0, help="seed of the split")
+    s.add_argument("--group-by", default=None, help="regex on the relative path: its first group names the patient "
+                   "(files of one patient stay on one side of the split; default: DICOM PatientID)")
+    s.add_argument("--out", required=True, help="the datalist JSON to write (paths are stored relative to it)")
+    s.set_defaults(func=_handler("voco_lib.data.datalist:cli_datalist"))
 
     s = sub.add_parser("fetch", help="download a dataset or the real sample CTs (checksummed)")
     s.add_argument("what", help="samples | a dataset manifest name")

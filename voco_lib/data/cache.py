@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from voco_lib.data.preprocess import Chain, get_chain, preprocess
+from voco_lib.data.volumes import dicom_source, series_files
 from voco_lib.files import publish, sha256
 
 CACHE_VERSION = 1
@@ -32,7 +33,10 @@ _file_hashes: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: str | Path) -> str:
-    """Content hash, memoised per (path, size, mtime) within the process."""
+    """Content hash, memoised per (path, size, mtime) within the process; a DICOM series hashes its slices."""
+    series = dicom_source(path)
+    if series is not None:
+        return hashlib.sha256("".join(file_sha256(f) for f in series_files(*series)).encode()).hexdigest()
     st = os.stat(path)
     memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _file_hashes:

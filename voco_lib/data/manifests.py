@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from voco_lib.files import publish
-from voco_lib.data.volumes import check_datalist_files
+from voco_lib.data.volumes import check_datalist_files, source_exists
 
 PATH_KEYS = ("image", "label")
 
@@ -154,7 +154,7 @@ def read_datalist(path: str | Path, split: str = "training", data_root: str | Pa
 
     Relative paths resolve against `data_root` if given; else against the JSON's folder, or `$VOCO_DATA_DIR`
     when the files are there and not beside the JSON (the authors' lists live apart from their data).
-    Every listed file must exist (one error names all missing files, their entries and the datalist). A split
+    An `image` may name a DICOM series folder (`FOLDER` or `FOLDER#SERIES_UID`). Every listed file must exist (one error names all missing files, their entries and the datalist). A split
     other than 'training' that is absent raises KeyError (callers may treat an absent `validation` as empty).
     """
     path = Path(path)
@@ -165,7 +165,7 @@ def read_datalist(path: str | Path, split: str = "training", data_root: str | Pa
         roots = [path.parent] + ([data_dir()] if os.environ.get("VOCO_DATA_DIR") else [])
     for root in (r.absolute() for r in roots):
         resolved = [_absolute(e, root) for e in entries]
-        if all(os.path.isfile(p) for e in resolved for k in PATH_KEYS if k in e
+        if all(source_exists(p) for e in resolved for k in PATH_KEYS if k in e
                for p in (e[k] if isinstance(e[k], list) else [e[k]])):
             return resolved
     # no root holds every file: report the missing ones under the primary root (data_root or the JSON's folder)

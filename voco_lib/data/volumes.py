@@ -1,4 +1,7 @@
-"""Safe loading of 3-D volumes (NIfTI via nibabel; MHA/NRRD/... via SimpleITK) with checks that name the fix.
+"""Safe loading of 3-D volumes (NIfTI via nibabel; MHA/NRRD/DICOM series via SimpleITK) with checks that name the fix.
+
+A DICOM series is named by its folder, or `FOLDER#SERIES_UID` when the folder holds several series (what
+`voco datalist` writes): one string, so datalists, the cache and the preprocessing chain treat it like a file.
 
 A broken or surprising file should stop a run at load time with a message that says which file and what
 to do, not hours later as NaN losses or a shape error deep in a transform. Every check raises
@@ -9,6 +12,7 @@ not look like Hounsfield units (e.g. an MRI listed as CT), only warns with `HURa
 from __future__ import annotations
 
 import gzip
+import re
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ import numpy as np
 # Voxel sizes outside this range (mm) are almost certainly a broken header (metres, microns, 0 or NaN).
 SPACING_RANGE_MM = (0.05, 20.0)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SERIES_SEP = "#"
 
 
 class VolumeError(ValueError):
@@ -69,6 +74,20 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, np.float64)
 
 
+def _sitk_arrays(img: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(array (x, y, z), RAS+ affine) of a SimpleITK image."""
+    import SimpleITK as sitk
+
+    data = sitk.GetArrayFromImage(img).T  # SimpleITK gives (z, y, x); we keep (x, y, z)
+    if img.GetDimension() != 3:
+        return data, np.eye(4)  # the dimension check reports it
+    direction = np.asarray(img.GetDirection()).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK works in LPS+; NIfTI and we in RAS+
+
+
 def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
@@ -77,15 +96,51 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except RuntimeError as e:
         raise VolumeError(path, f"cannot be read by SimpleITK ({str(e).strip().splitlines()[-1]})",
                           "check the format and re-export it, e.g. as NIfTI (.nii.gz)") from None
-    data = sitk.GetArrayFromImage(img).T  # SimpleITK gives (z, y, x); we keep (x, y, z)
-    nd = img.GetDimension()
-    if nd != 3:
-        return data, np.eye(4)  # the dimension check below reports it
-    direction = np.asarray(img.GetDirection()).reshape(3, 3)
-    lps = np.eye(4)
-    lps[:3, :3] = direction * np.asarray(img.GetSpacing())
-    lps[:3, 3] = img.GetOrigin()
-    return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK works in LPS+; NIfTI and we in RAS+
+    return _sitk_arrays(img)
+
+
+def dicom_source(path: str | Path) -> tuple[Path, str | None] | None:
+    """(folder, series UID or None) when `path` names a DICOM series (`FOLDER` or `FOLDER#UID`), else None."""
+    folder, sep, uid = str(path).rpartition(SERIES_SEP)
+    if sep and re.fullmatch(r"[0-9.]+", uid) and Path(folder).is_dir():
+        return Path(folder), uid
+    return (Path(path), None) if Path(path).is_dir() else None
+
+
+def source_exists(path: str | Path) -> bool:
+    """A volume file, or a folder (+ series UID) that may hold a DICOM series."""
+    return Path(path).is_file() or dicom_source(path) is not None
+
+
+def series_files(folder: Path, uid: str | None) -> list[str]:
+    """The sorted slice files of series `uid` in `folder` (the only series when `uid` is None); errors name the fix."""
+    import SimpleITK as sitk
+
+    ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    if not ids:
+        raise VolumeError(folder, "holds no DICOM series (no readable DICOM slices in it)",
+                          "point the datalist at the folder that holds the .dcm slices, or convert the scan to NIfTI")
+    if uid is None and len(ids) > 1:
+        raise VolumeError(folder, f"holds {len(ids)} DICOM series ({', '.join(ids)})",
+                          f"name one as FOLDER{SERIES_SEP}SERIES_UID (`voco datalist` writes such entries)")
+    if uid is not None and uid not in ids:
+        raise VolumeError(folder, f"has no DICOM series {uid} (it holds {', '.join(ids)})",
+                          "fix the series UID in the datalist, or rebuild it with `voco datalist`")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid or ids[0]))
+
+
+def _read_dicom(folder: Path, uid: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM series in HU (GDCM applies rescale slope/intercept), slices sorted by position."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(series_files(folder, uid))
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise VolumeError(folder, f"DICOM series cannot be read ({str(e).strip().splitlines()[-1]})",
+                          "check that every slice copied completely, or convert the series to NIfTI (e.g. dcm2niix)") from None
+    return _sitk_arrays(img)
 
 
 def load_volume(path: str | Path, modality: str = "CT", kind: str = "image") -> Volume:
@@ -93,10 +148,14 @@ def load_volume(path: str | Path, modality: str = "CT", kind: str = "image") -> 
 
     `kind="label"` skips the intensity checks that only make sense for images (a label map may be all zero).
     """
+    series = dicom_source(path)
     path = Path(path)
-    if not path.is_file():
+    if series is not None:
+        data, affine = _read_dicom(*series)
+    elif not path.is_file():
         raise VolumeError(path, "does not exist", "check the path (and the data root / VOCO_DATA_DIR it is relative to)")
-    data, affine = _read_nifti(path) if path.name.endswith(NIFTI_SUFFIXES) else _read_sitk(path)
+    else:
+        data, affine = _read_nifti(path) if path.name.endswith(NIFTI_SUFFIXES) else _read_sitk(path)
     return check_volume(data, affine, path, modality, kind)
 
 
@@ -229,7 +288,7 @@ def check_datalist_files(entries: list[dict[str, Any]], root: str | Path, datali
     naming each missing file with its entry index and key."""
     root = Path(root)
     missing = [f"entry {i} '{k}' {p}" for i, e in enumerate(entries) for k in ("image", "label") if k in e
-               for p in (e[k] if isinstance(e[k], list) else [e[k]]) if not (root / p).is_file()]
+               for p in (e[k] if isinstance(e[k], list) else [e[k]]) if not source_exists(root / p)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise VolumeError(datalist, f"{f'{split!r} ' if split else ''}lists {len(missing)} file(s) that do not exist "
