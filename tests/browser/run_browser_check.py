@@ -1,7 +1,8 @@
 """Real-browser check of the 3-D viewer: JupyterLab + headless Chromium run 01_geometric_context; the NiiVue
 canvas must show the volume (not a blank canvas), the organ label layer (saturated colours over the grey CT),
 the base-crop outlines (the box colour, yellow) and the crosshair (cyan), and a click on the axial panel must
-move the crosshair.
+move the crosshair; then 03_position_explorer runs in the same JupyterLab and dragging its x slider must change
+the slider's value and the prediction figures.
 
 Installs nothing: it needs Debian's Chromium at /usr/bin/chromium and the `browser` extra (playwright);
 `make test-browser` provides both. Steps: start JupyterLab on 127.0.0.1 (no token, a temporary settings
@@ -29,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = "notebooks/01_geometric_context.ipynb"
+EXPLORER = "notebooks/03_position_explorer.ipynb"
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts"
 MIN_FOREGROUND = 0.02  # fraction of canvas pixels that must differ from the background
@@ -119,6 +121,7 @@ def run(negative_control: bool, timeout_s: int) -> float:
     tmp = Path(tempfile.mkdtemp(prefix="voco-browser-"))
     (tmp / "root" / "notebooks").mkdir(parents=True)
     shutil.copy(REPO / NOTEBOOK, tmp / "root" / NOTEBOOK)
+    shutil.copy(REPO / EXPLORER, tmp / "root" / EXPLORER)
     port = _free_port()
     t0 = time.time()
     lab = start_lab(port, tmp)
@@ -171,6 +174,7 @@ def run(negative_control: bool, timeout_s: int) -> float:
                 page.mouse.click(box["x"] + box["width"] * 0.08, box["y"] + box["height"] * 0.35)
                 page.wait_for_timeout(1500)
                 canvas.screenshot(path=str(ARTIFACTS / f"browser-{name}-after-click.png"))
+            slider_changed = None if negative_control else explorer_slider_changes_prediction(page, port, timeout_s)
             ctx.close()
         frac = foreground_fraction(shot)
         print(f"browser check ({name}): canvas {shot} has {frac:.1%} non-background pixels; "
@@ -179,6 +183,9 @@ def run(negative_control: bool, timeout_s: int) -> float:
             raise SystemExit(f"FAILED: {n_errors} cell(s) raised in JupyterLab; see {ARTIFACTS}/browser-{name}-page.png")
         if frac >= MIN_FOREGROUND and not negative_control:
             check_layers(shot, ARTIFACTS / f"browser-{name}-after-click.png")
+            print(f"03 explorer: moving the x slider changed the prediction output: {slider_changed}")
+            if not slider_changed:
+                raise SystemExit(f"FAILED: 03's slider did not change the prediction; see {ARTIFACTS}/browser-03-*.png")
         return frac
     finally:
         lab.terminate()
@@ -187,6 +194,39 @@ def run(negative_control: bool, timeout_s: int) -> float:
         except subprocess.TimeoutExpired:
             lab.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def explorer_slider_changes_prediction(page, port: int, timeout_s: int) -> bool:
+    """Run 03 in the same JupyterLab, drag its x slider, and compare the widget's output before and after."""
+    page.goto(f"http://127.0.0.1:{port}/lab/tree/{EXPLORER}?reset", timeout=60_000)
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext.session", timeout=60_000)
+    page.evaluate("window.jupyterapp.commands.execute('runmenu:run-all')")
+    handle = page.locator(".widget-slider .noUi-handle").first
+    handle.wait_for(state="visible", timeout=timeout_s * 1000)
+    out = page.locator(".widget-output:has(img)").first
+    page.wait_for_function("() => document.querySelectorAll('.widget-output img').length >= 2", timeout=timeout_s * 1000)
+    out.scroll_into_view_if_needed()
+    before, after = ARTIFACTS / "browser-03-before.png", ARTIFACTS / "browser-03-after.png"
+    out.screenshot(path=str(before))
+    readout = page.locator(".widget-slider .widget-readout").first
+    start = readout.inner_text()
+    handle.scroll_into_view_if_needed()
+    box = handle.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2 + 120, box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
+    page.wait_for_timeout(6000)  # the kernel recomputes the prediction and redraws the two figures
+    if page.locator(".jp-Dialog").count():
+        page.screenshot(path=str(after))
+        raise SystemExit(f"FAILED: a dialog opened instead of the slider moving; see {after}")
+    out.scroll_into_view_if_needed()
+    out.screenshot(path=str(after))
+    moved = readout.inner_text() != start
+    print(f"03 explorer: x slider {start} -> {readout.inner_text()}")
+    return moved and before.read_bytes() != after.read_bytes()
 
 
 def check_layers(shot: Path, after_click: Path) -> None:
