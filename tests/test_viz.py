@@ -140,7 +140,9 @@ def test_view3d_niivue_widget_carries_volume_labels_and_boxes(monkeypatch):
     np.testing.assert_array_equal(np.asarray(back.dataobj), img)
     np.testing.assert_allclose(back.header.get_zooms(), (2.0, 2.0, 3.0))
     edges = np.asarray(nib.Nifti1Image.from_bytes(nv.volumes[2].data).dataobj)
-    np.testing.assert_array_equal(edges, viz.outline_volume(img.shape, boxes, [1, 2]))
+    np.testing.assert_array_equal(edges, np.maximum(viz.outline_volume(img.shape, boxes, [1, 2]),
+                                                    viz.shell_volume(img.shape, boxes[1:], 2)))
+    assert (edges[9] == 2).sum() == 2 * 8 + 2 * 10  # an x-slice through the random crop cuts its rectangle
     assert nv.volumes[1].colormap_label.labels[2] == "liver"
     # big volumes are subsampled for software WebGL
     big = viz.view3d(np.zeros((300, 10, 10), np.float32), max_size=100)
@@ -251,3 +253,9 @@ def test_plane_views_legend_names_the_organs_in_the_slices():
     names = {t.get_text() for leg in fig.legends for t in leg.get_texts()}
     assert names and names <= set(subject.label_names.values()) - {"background"}
     assert not viz.plane_views(subject.region, subject.spacing, label=subject.label).legends  # no names, no legend
+
+
+def test_shell_volume_is_the_six_faces():
+    out = viz.shell_volume((10, 10, 10), [[[2, 6], [2, 6], [2, 6]]], 3)
+    assert out.sum() == 3 * (4**3 - 2**3)  # a 4³ box without its 2³ inside
+    assert out[4, 4, 4] == 0 and out[2, 4, 4] == 3 and out[0].sum() == 0

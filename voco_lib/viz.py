@@ -413,6 +413,22 @@ def outline_volume(shape: Sequence[int], boxes: Any, values: Sequence[int] | Non
     return out
 
 
+def shell_volume(shape: Sequence[int], box: Any, value: int) -> np.ndarray:
+    """A uint8 volume holding the six faces of `box` (value `value`): every slice through the box cuts it as a
+    rectangle, where the 12 edges of `outline_volume` show only as dots."""
+    out = np.zeros(tuple(int(s) for s in shape), np.uint8)
+    b = _boxes(box)[0]
+    lo = np.clip(b[:, 0], 0, np.asarray(shape) - 1)
+    hi = np.clip(b[:, 1] - 1, 0, np.asarray(shape) - 1)
+    inner = tuple(slice(l, h + 1) for l, h in zip(lo, hi))
+    for axis in range(3):
+        for face in (lo[axis], hi[axis]):
+            sl = list(inner)
+            sl[axis] = slice(face, face + 1)
+            out[tuple(sl)] = value
+    return out
+
+
 def nifti_bytes(array: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0), affine: np.ndarray | None = None) -> bytes:
     """An in-memory NIfTI-1 file of `array` (RAS affine from `spacing` unless given): what NiiVue loads."""
     import nibabel as nib
@@ -502,7 +518,8 @@ def _view_niivue(img, lab, boxes, sp, height, label_names):
     if len(boxes):
         # grid boxes first (value 1), the last box is the random crop (value 2): yellow grid, red crop
         values = [1] * (len(boxes) - 1) + [2]
-        vols.append({"data": nifti_bytes(outline_volume(img.shape, boxes, values), sp), "name": "boxes.nii"})
+        drawn = np.maximum(outline_volume(img.shape, boxes, values), shell_volume(img.shape, boxes[-1:], 2))
+        vols.append({"data": nifti_bytes(drawn, sp), "name": "boxes.nii"})
         luts.append({"R": [0, 255, 255], "G": [0, 210, 59], "B": [0, 31, 48], "A": [0, 255, 255], "I": [0, 1, 2],
                      "labels": ["", "base crop", "random crop"]})
     nv.load_volumes(vols)
