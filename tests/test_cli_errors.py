@@ -184,3 +184,17 @@ def test_as_a_process_and_with_voco_debug():
     debug = _voco("fetch", "no-such-dataset", debug=True)
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
     assert "fetch.py" in debug.stderr and debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
+def test_every_option_has_help_a_default_and_each_command_an_example():
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert parser.epilog and parser.epilog.startswith(f"example: voco {name}"), name
+        for action in parser._actions:
+            assert action.help, f"voco {name}: {action.dest} has no help text"
+        text = parser.format_help()
+        for action in parser._actions:
+            if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+                assert f"default: {action.default}" in " ".join(text.split()), (name, action.dest)

@@ -40,8 +40,29 @@ def _handler(target: str) -> Callable[[argparse.Namespace], int | None]:
     return run
 
 
+EXAMPLES = {
+    "demo": "voco demo --out runs/demo --profile cpu",
+    "strip-outputs": "voco strip-outputs notebooks/03_position_explorer.ipynb",
+    "pretrain": "voco pretrain --profile cpu --data phantom --out runs/pretrain-cpu steps=50",
+    "finetune": "voco finetune phantom-seg --init runs/pretrain-cpu --profile cpu --n-labeled 2 --seed 1",
+    "phantom": "voco phantom --n 8 --out data/phantoms",
+    "datalist": "voco datalist scans/ --label-pattern '*_seg.nii.gz' --out scans/datalist.json",
+    "fetch": "voco fetch samples",
+    "weights": "voco weights export runs/pretrain-cpu --format safetensors",
+    "nnunet": "voco nnunet export verse20 datalist.json nnunet_raw --id 501",
+    "tasks": "voco tasks list",
+}
 OVERWRITE_HELP = "move a used --out aside (to OUT.old-N) and start a new run there"
 DEBUG_HELP = "on an error, print the Python traceback too (also: VOCO_DEBUG=1)"
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, unless it is unset (None/False) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("demo", help="run the demo notebooks (cpu profile) into a run directory and report")
-    s.add_argument("--out", default="runs/demo")
-    s.add_argument("--profile", default=None)
+    s.add_argument("--out", default="runs/demo", help="folder for the executed notebooks and report.html")
+    s.add_argument("--profile", default=None, help="smoke | cpu | gpu | paper (not given: $VOCO_PROFILE, else cpu)")
     s.set_defaults(func=_handler("voco_lib.demo:cli_demo"))
 
     s = sub.add_parser("strip-outputs", help="clear the outputs a JupyterLab save left in the repository's notebooks "
@@ -60,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_handler("voco_lib.demo:cli_strip_outputs"))
 
     s = sub.add_parser("pretrain", help="VoCo pre-training (one process or under torchrun)")
-    s.add_argument("--profile", default=None)
+    s.add_argument("--profile", default=None, help="smoke | cpu | gpu | paper (not given: $VOCO_PROFILE, else cpu)")
     s.add_argument("--data", default="phantom", help="phantom | samples | an MSD-style datalist JSON | a folder of scans")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -69,21 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_handler("voco_lib.pretrain:cli_pretrain"))
 
     s = sub.add_parser("finetune", help="fine-tune on a downstream task from the registry")
-    s.add_argument("task")
+    s.add_argument("task", help="a registered task (voco tasks list) or the path of a task YAML")
     s.add_argument("--init", default="scratch", help="scratch | voco-b | voco-l | voco-h | RUN_DIR | PATH")
-    s.add_argument("--profile", default=None)
-    s.add_argument("--out", default=None)
-    s.add_argument("--n-labeled", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--resume", action="store_true")
+    s.add_argument("--profile", default=None, help="smoke | cpu | gpu | paper (not given: $VOCO_PROFILE, else cpu)")
+    s.add_argument("--out", default=None, help="run directory (default: runs/finetune/TASK/INIT-nN-sSEED)")
+    s.add_argument("--n-labeled", type=int, default=None, help="keep the first K labelled training volumes (default: all)")
+    s.add_argument("--seed", type=int, default=0, help="weights, crops and which volumes are labelled")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out (its config must match)")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("overrides", nargs="*", help="datalist=PATH for a real task, and config overrides key=value "
+                                                "(e.g. finetune.steps=50 finetune.lr=1e-3)")
     s.set_defaults(func=_handler("voco_lib.tasks:cli_finetune"))
 
     s = sub.add_parser("phantom", help="write procedural torso phantoms and an MSD-style datalist")
-    s.add_argument("--n", type=int, default=32)
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=int, default=32, help="number of phantom patients")
+    s.add_argument("--out", required=True, help="folder for the NIfTI files and dataset.json")
+    s.add_argument("--seed", type=int, default=0, help="first patient's seed")
     s.set_defaults(func=_handler("voco_lib.data.phantom:cli_phantom"))
 
     s = sub.add_parser("datalist", help="list a folder of scans (NIfTI, NRRD/MHA, DICOM series) as an MSD-style datalist")
@@ -104,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_handler("voco_lib.data.fetch:cli_fetch"))
 
     s = sub.add_parser("weights", help="checkpoints: list | fetch NAME | inspect PATH | export RUN_DIR|PATH | add NAME PATH")
-    s.add_argument("action", choices=["list", "fetch", "inspect", "export", "add"])
+    s.add_argument("action", choices=["list", "fetch", "inspect", "export", "add"], help="what to do (see above)")
     s.add_argument("target", nargs="?", help="fetch/add: NAME; inspect: PATH; export: RUN_DIR or PATH")
     s.add_argument("path", nargs="?", help="add: the downloaded checkpoint file to register under NAME")
     s.add_argument("--out", default=None, help="fetch: folder; export: file or bundle folder (default: beside the source)")
@@ -114,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_handler("voco_lib.checkpoints:cli_weights"))
 
     s = sub.add_parser("nnunet", help="nnU-Net v2 path (VerSe20, AutoPET): export a task's datalist, check weights")
-    s.add_argument("action", choices=["export", "check"])
+    s.add_argument("action", choices=["export", "check"], help="export a task's datalist, or check a checkpoint")
     s.add_argument("args", nargs="+", metavar="ARG",
                    help="export: TASK DATALIST OUT; check: CHECKPOINT PLANS DATASET_JSON")
     s.add_argument("--id", type=int, default=None, help="export: nnU-Net dataset id (1..999)")
@@ -127,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_handler("voco_lib.tasks.nnunet:cli_nnunet"))
 
     s = sub.add_parser("tasks", help="the downstream task registry")
-    s.add_argument("action", choices=["list"])
+    s.add_argument("action", choices=["list"], help="list the registered tasks")
     s.set_defaults(func=_handler("voco_lib.tasks.registry:cli_tasks"))
-    for s in sub.choices.values():  # `voco CMD ... --debug` too; SUPPRESS keeps a `voco --debug CMD` from being reset
+    for name, s in sub.choices.items():  # `voco CMD ... --debug` too; SUPPRESS keeps `voco --debug CMD` from being reset
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        s.formatter_class = _DefaultsHelp
+        s.epilog = f"example: {EXAMPLES[name]}"
     return p
 
 
