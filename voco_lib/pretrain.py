@@ -154,7 +154,7 @@ def train(cfg: Profile, data: str, out: str | Path, resume: bool | str = False, 
             model.encoder.compile()
         seed_everything(t.seed + 1 + rt.rank)  # per-rank stream for the embedding dropout
         with main_first(rt):  # rank 0 fills the preprocessing cache, the others then read it
-            vols, held = build_volumes(data, cfg)
+            vols, held = build_volumes(data, cfg, run.path)
             for v in (vols, held) if rt.main else ():
                 if hasattr(v, "warm"):
                     v.warm(show_progress)

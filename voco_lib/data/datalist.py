@@ -160,7 +160,8 @@ def scan_folder(root: Path, label_glob: str | None = None, exclude: Sequence[Pat
     from tqdm.auto import tqdm
 
     listing, by_dir = Listing(), _files(root, exclude)
-    with tqdm(total=sum(map(len, by_dir.values())), desc="reading headers", unit="file", disable=not show) as bar:
+    total = sum(map(len, by_dir.values()))
+    with tqdm(total=total, desc="reading headers", unit="file", disable=not (show and total)) as bar:
         for folder, files in by_dir.items():
             others = []
             for f in files:
@@ -316,7 +317,10 @@ def build_datalist(folder: str | Path, out: str | Path, labels: str | Path | Non
 
 def datalist_for_run(folder: str | Path, run_dir: str | Path, show: bool = True) -> Path:
     """`--data DIR`: the folder's datalist (all scans for training), saved as the run's `datalist.json`."""
-    path, table = build_datalist(folder, Path(run_dir) / DATALIST_NAME, validation=0.0, show=show)
+    try:
+        path, table = build_datalist(folder, Path(run_dir) / DATALIST_NAME, validation=0.0, show=show)
+    except ValueError as e:
+        raise ValueError(f"{e}; --data takes phantom | samples | a datalist JSON | a folder of scans") from None
     if show:
         print(table, flush=True)
     return path

@@ -103,8 +103,11 @@ def _datalist_paths(datalist: str | Path, split: str) -> list[Path]:
     return [Path(e["image"]) for e in entries]
 
 
-def build_volumes(data: str, cfg: Profile) -> tuple[object, object]:
-    """(train volumes, held-out volumes) for `--data phantom | samples | DATALIST`.
+def build_volumes(data: str, cfg: Profile, run_dir: str | Path | None = None) -> tuple[object, object]:
+    """(train volumes, held-out volumes) for `--data phantom | samples | DATALIST | FOLDER`.
+
+    A folder of scans is listed on the fly (`voco_lib.data.datalist`) into `run_dir`/datalist.json, so the run
+    records exactly what it read; without `run_dir` a folder is refused as before.
 
     Held-out volumes: phantoms with seeds from EVAL_SEED_OFFSET; for a datalist its `validation` split,
     or else its last `n_eval` training entries (removed from training when at least two remain).
@@ -121,6 +124,10 @@ def build_volumes(data: str, cfg: Profile) -> tuple[object, object]:
         data = str(fetch_samples())
     from voco_lib.data.manifests import datalist_file
 
+    if run_dir is not None and Path(data).is_dir():
+        from voco_lib.data.datalist import datalist_for_run
+
+        data = str(datalist_for_run(data, run_dir))
     path = datalist_file(data)
     cache = d.cache_dir or default_cache_dir()
     paths = _datalist_paths(path, "training")

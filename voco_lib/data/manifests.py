@@ -101,9 +101,9 @@ def datalist_file(path: str | Path) -> Path:
     """`path` as a datalist file; a folder and a missing file each get a message that says what to pass instead."""
     path = Path(path)
     if path.is_dir():
-        raise ManifestError(f"{path}: is a folder, not a datalist — --data (and datalist=) take phantom | samples | "
-                            "an MSD-style datalist JSON that lists the folder's scans (`voco phantom --out DIR` "
-                            "writes an example: DIR/dataset.json)")
+        raise ManifestError(f"{path}: is a folder, not a datalist — write one with `voco datalist {path} --out "
+                            "FILE.json` (`voco pretrain --data DIR` lists a folder itself); --data also takes "
+                            "phantom | samples")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: datalist not found — create it (voco phantom / voco fetch samples) or fix "
                                 "the path")
@@ -154,7 +154,8 @@ def read_datalist(path: str | Path, split: str = "training", data_root: str | Pa
 
     Relative paths resolve against `data_root` if given; else against the JSON's folder, or `$VOCO_DATA_DIR`
     when the files are there and not beside the JSON (the authors' lists live apart from their data).
-    An `image` may name a DICOM series folder (`FOLDER` or `FOLDER#SERIES_UID`). Every listed file must exist (one error names all missing files, their entries and the datalist). A split
+    An `image` may name a DICOM series folder (`FOLDER` or `FOLDER#SERIES_UID`). Every listed file must exist
+    (one error names all missing files, their entries and the datalist). A split
     other than 'training' that is absent raises KeyError (callers may treat an absent `validation` as empty).
     """
     path = Path(path)
