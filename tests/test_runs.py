@@ -151,3 +151,14 @@ def test_config_yaml_is_written_only_when_the_run_starts(tmp_path):
     with open_run(tmp_path / "run", CFG) as run:
         run.write_config()
     assert read_config(tmp_path / "run") == json.loads(json.dumps(CFG))
+
+
+def test_files_a_refused_run_leaves_do_not_make_the_directory_foreign(tmp_path):
+    """A folder --data run writes datalist.json before its data load; if that fails, the rerun is not refused."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "datalist.json").write_text("{}")
+    with open_run(tmp_path / "run", CFG):
+        pass
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not a voco run directory"):
+        open_run(tmp_path / "run", CFG)

@@ -38,6 +38,7 @@ from voco_lib.files import atomic_write, read_yaml, write_text
 RESUMABLE = frozenset({"steps", "checkpoint_every", "keep_last", "eval_every", "log_every", "workers",
                        "tune_allocator", "cache_dir", "show_progress"})
 USED_MARKERS = ("config.yaml", "metrics.jsonl", "results.json", "encoder.pt", "checkpoints")
+SCRATCH = frozenset({".lock", "datalist.json", "tb", "figures"})  # written before a run claims its directory
 
 
 class RunDirError(ValueError):
@@ -217,7 +218,7 @@ def open_run(path: str | Path, config: dict[str, Any], resume: bool | str = Fals
         raise RunDirError("--resume and --overwrite contradict each other: continue the run or replace it, not both")
     if resume and not (path / "config.yaml").is_file():
         raise RunDirError(f"--resume: {path} holds no run (no config.yaml, no checkpoint); start without --resume")
-    if path.is_dir() and not is_used(path) and any(p.name != ".lock" for p in path.iterdir()):
+    if path.is_dir() and not is_used(path) and any(p.name not in SCRATCH for p in path.iterdir()):
         raise RunDirError(f"{path} holds other files and is not a voco run directory; choose an empty or new --out")
     if overwrite and is_used(path):
         _move_aside(path)
