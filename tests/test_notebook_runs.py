@@ -72,3 +72,20 @@ def test_task_notebooks_display_every_figure_they_save(name, tmp_path, monkeypat
     for c in cells:
         images = [o for o in c.outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
         assert len(images) == c.source.count("viz.show_figure("), c.source
+
+
+@pytest.mark.slow
+def test_position_explorer_runs_on_your_own_folder_of_scans(tmp_path, monkeypatch):
+    """`-p data DIR -p volume N`: 03 lists the folder and explores volume N of it."""
+    import nibabel as nib
+    import numpy as np
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(2):
+        hu = np.random.default_rng(i).normal(-300, 400, (40, 40, 30)).clip(-1000, 1500).astype(np.int16)
+        nib.save(nib.Nifti1Image(hu, np.diag([1.5, 1.5, 2.0, 1.0])), scans / f"case{i}.nii.gz")
+    nb = _run("03_position_explorer", tmp_path / "03.ipynb",
+              {"data": str(scans), "volume": 1, "run_dir": str(tmp_path / "run"), "hit_rate_crops": 0}, monkeypatch)
+    assert f"volume 1 of 2 in {scans}: {scans / 'case1.nii.gz'}" in _stdout(nb)
+    assert (tmp_path / "run" / "figures" / "crop_views.png").stat().st_size > 10_000

@@ -257,13 +257,38 @@ def volume_subject(volume: str, profile: Profile | str | None = None, seed: int 
     from voco_lib.data.preprocess import get_chain, preprocess
 
     path = Path(volume)
-    if not path.exists():
+    if not path.exists() and not Path(str(volume).split("#")[0]).is_dir():  # FOLDER#SERIES_UID: one DICOM series
         raise FileNotFoundError(f"volume {volume!r}: no such file; pass 'phantom', 'sample' or a CT file path")
     cfg = _config(profile)
     chain = get_chain(cfg.data.chain)
     d = preprocess(str(path), chain)
     region, _, spacing = _to_region(d["image"].as_tensor(), None, chain.spacing, cfg, seed)
     return Subject(path.name, region, None, spacing, {})
+
+
+def datalist_subject(data: str | Path, volume: int | str = 0, profile: Profile | str | None = None) -> Subject:
+    """Volume number `volume` of your own data: a datalist JSON (training entries, then validation) or a
+    folder of scans (listed from headers as `voco datalist` does, in path order), read like `volume_subject`."""
+    from voco_lib.data.datalist import scan_folder
+    from voco_lib.data.manifests import datalist_file, read_datalist
+
+    n = 0 if volume in ("phantom", None) else int(volume)
+    if Path(data).is_dir():
+        images = sorted(s.image for s in scan_folder(Path(data), show=False).scans)
+    else:
+        path = datalist_file(data)
+        images = [e["image"] for split in ("training", "validation") for e in _entries(path, split, read_datalist)]
+    if not 0 <= n < len(images):
+        raise ValueError(f"volume {n}: {data} holds {len(images)} volume(s); pass -p volume 0..{len(images) - 1}")
+    print(f"volume {n} of {len(images)} in {data}: {images[n]}")
+    return volume_subject(str(images[n]), profile)
+
+
+def _entries(path: Path, split: str, read: Any) -> list[dict[str, Any]]:
+    try:
+        return read(path, split)
+    except KeyError:  # a datalist without that split
+        return []
 
 
 def launch_pretraining(out: str | Path | None, profile: str | None = None, data: str = "phantom",
