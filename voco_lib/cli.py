@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 # Failures caused by the input or the environment, whose message names the file/key and the fix. Any other
 # exception is a bug. (json.JSONDecodeError is a ValueError; yaml.YAMLError is matched by name in `_describe`
@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
+    _add_run_commands(sub)
+    _add_data_commands(sub)
+    for name, s in sub.choices.items():  # `voco CMD ... --debug` too; SUPPRESS keeps `voco --debug CMD` from being reset
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        s.formatter_class = _DefaultsHelp
+        s.epilog = f"example: {EXAMPLES[name]}"
+    return p
+
+
+def _add_run_commands(sub: Any) -> None:
+    """demo, strip-outputs, pretrain, finetune: the commands that run notebooks or training."""
     s = sub.add_parser("demo", help="run the demo notebooks (cpu profile) into a run directory and report")
     s.add_argument("--out", default="runs/demo", help="folder for the executed notebooks and report.html")
     s.add_argument("--profile", default=None, help="smoke | cpu | gpu | paper (not given: $VOCO_PROFILE, else cpu)")
@@ -102,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(e.g. finetune.steps=50 finetune.lr=1e-3)")
     s.set_defaults(func=_handler("voco_lib.tasks:cli_finetune"))
 
+
+def _add_data_commands(sub: Any) -> None:
+    """phantom, datalist, fetch, weights, nnunet, tasks: data, checkpoints and the task registry."""
     s = sub.add_parser("phantom", help="write procedural torso phantoms and an MSD-style datalist")
     s.add_argument("--n", type=int, default=32, help="number of phantom patients")
     s.add_argument("--out", required=True, help="folder for the NIfTI files and dataset.json")
@@ -151,11 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tasks", help="the downstream task registry")
     s.add_argument("action", choices=["list"], help="list the registered tasks")
     s.set_defaults(func=_handler("voco_lib.tasks.registry:cli_tasks"))
-    for name, s in sub.choices.items():  # `voco CMD ... --debug` too; SUPPRESS keeps `voco --debug CMD` from being reset
-        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-        s.formatter_class = _DefaultsHelp
-        s.epilog = f"example: {EXAMPLES[name]}"
-    return p
 
 
 def _one_line(text: str) -> str:
