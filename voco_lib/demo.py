@@ -270,25 +270,19 @@ def datalist_subject(data: str | Path, volume: int | str = 0, profile: Profile |
     """Volume number `volume` of your own data: a datalist JSON (training entries, then validation) or a
     folder of scans (listed from headers as `voco datalist` does, in path order), read like `volume_subject`."""
     from voco_lib.data.datalist import scan_folder
-    from voco_lib.data.manifests import datalist_file, read_datalist
+    from voco_lib.data.loader import datalist_images
+    from voco_lib.data.manifests import datalist_file
 
     n = 0 if volume in ("phantom", None) else int(volume)
     if Path(data).is_dir():
         images = sorted(s.image for s in scan_folder(Path(data), show=False).scans)
     else:
         path = datalist_file(data)
-        images = [e["image"] for split in ("training", "validation") for e in _entries(path, split, read_datalist)]
+        images = [str(p) for split in ("training", "validation") for p in datalist_images(path, split)]
     if not 0 <= n < len(images):
         raise ValueError(f"volume {n}: {data} holds {len(images)} volume(s); pass -p volume 0..{len(images) - 1}")
     print(f"volume {n} of {len(images)} in {data}: {images[n]}")
     return volume_subject(str(images[n]), profile)
-
-
-def _entries(path: Path, split: str, read: Any) -> list[dict[str, Any]]:
-    try:
-        return read(path, split)
-    except KeyError:  # a datalist without that split
-        return []
 
 
 def launch_pretraining(out: str | Path | None, profile: str | None = None, data: str = "phantom",

@@ -93,7 +93,8 @@ class CachedVolumes:
             self[i]
 
 
-def _datalist_paths(datalist: str | Path, split: str) -> list[Path]:
+def datalist_images(datalist: str | Path, split: str) -> list[Path]:
+    """The image paths of one split of a datalist; an absent split is empty."""
     from voco_lib.data.manifests import read_datalist
 
     try:
@@ -130,8 +131,8 @@ def build_volumes(data: str, cfg: Profile, run_dir: str | Path | None = None) ->
         data = str(datalist_for_run(data, run_dir))
     path = datalist_file(data)
     cache = d.cache_dir or default_cache_dir()
-    paths = _datalist_paths(path, "training")
-    held_paths = _datalist_paths(path, "validation")[: d.n_eval]
+    paths = datalist_images(path, "training")
+    held_paths = datalist_images(path, "validation")[: d.n_eval]
     if not held_paths:
         if len(paths) - d.n_eval >= 2:
             paths, held_paths = paths[: -d.n_eval], paths[-d.n_eval:]
