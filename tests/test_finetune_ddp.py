@@ -5,8 +5,8 @@ generator and keeps its part (`Context.share`: part micro·world + rank), so ran
 that micro-batch r of one process with `finetune.accum=2` trains on. SwinUNETR normalises with InstanceNorm
 and LayerNorm (per sample, no batch statistics), DiceCE is a mean over samples, and DDP averages the ranks'
 gradients, which is what accumulating loss/2 over two micro-batches computes. At the smoke profile's 32³ roi
-the backbone skips encoder10 (DDP runs with find_unused_parameters; those weights keep no gradient, as in one
-process, so AdamW leaves them alone in both).
+the backbone skips encoder10, which `build_backbone` freezes (no gradient, so DDP needs no
+find_unused_parameters, and AdamW leaves those weights alone in both).
 """
 
 from __future__ import annotations

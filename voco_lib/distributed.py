@@ -120,9 +120,10 @@ def check_ranks_in_sync(model: nn.Module) -> None:
         raise RuntimeError(f"DDP ranks diverged: {(hi != lo).sum().item()} weights differ across ranks")
 
 
-def wrap_ddp(model: nn.Module, rt: Runtime, find_unused_parameters: bool = False) -> nn.Module:
-    """The DDP wrapper under torchrun (gradients all-reduced in backward), the model itself otherwise."""
+def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
+    """The DDP wrapper under torchrun (gradients all-reduced in backward), the model itself otherwise. Every
+    trainable parameter gets a gradient (`backbone.build_backbone` freezes a skipped encoder10), so DDP needs
+    no `find_unused_parameters`."""
     if not rt.distributed:
         return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                               find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)

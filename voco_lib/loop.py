@@ -183,14 +183,14 @@ class _State:
 def fit(model: nn.Module, step_fn: StepFn, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
         run: Run, rt: Runtime, spec: LoopSpec, *, batches: Iterable | None = None,
         evaluate: Callable[[int], dict[str, Any]] | None = None, extra_state: dict[str, Stateful] | None = None,
-        find_unused_parameters: bool = False, ddp: bool = True, show_progress: bool = True) -> int:
+        ddp: bool = True, show_progress: bool = True) -> int:
     """Train `model` (already on `rt.device`) to `spec.steps` in `run`; returns the last step reached.
     `ddp=False`: a method that runs as one process only, never wrapped."""
     st = _State(model, opt, sched, torch.amp.GradScaler("cuda", enabled=spec.amp == "fp16" and rt.device.type == "cuda"),
                 run, rt, spec, extra_state or {})
     start = _resume(st)
     run.write_config()
-    net = wrap_ddp(model, rt, find_unused_parameters=find_unused_parameters) if ddp else model
+    net = wrap_ddp(model, rt) if ddp else model
     autocast = autocast_for(spec.amp, rt.device)
     it = iter(batches) if batches is not None else None
     if rt.main and spec.tensorboard:
