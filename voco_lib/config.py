@@ -230,6 +230,10 @@ class FinetuneConfig:
     sw_batch_size: int = 2
     hd95: bool = True  # HD95 in the final evaluation (segmentation)
     min_coverage: float = 1.0  # encoder keys an init checkpoint must cover (in_channels != 1 lowers it, listed)
+    protocol: str = "full"  # "full": fine-tune everything | "frozen": encoder fixed, a probe/head trained on it
+    encoder_lr_scale: float = 1.0  # encoder lr = lr x this (full protocol); decoder/head keep lr
+    layer_decay: float = 1.0  # layer-wise lr decay over the encoder's stages (1.0: off); deeper stages keep more
+    flip_p: float = 0.2  # per-axis flip probability of training crops (segmentation; upstream RandFlipd p=0.2)
     text_encoder: str = "transformer"  # vision-language: "transformer" | "bag" | "module:factory"
     amp: str = "off"  # "off" | "bf16" | "fp16"; CUDA only
     checkpoint_every: int = 500
@@ -250,6 +254,10 @@ class FinetuneConfig:
         _fraction("finetune.sw_overlap", self.sw_overlap)
         _at_least("finetune.sw_batch_size", self.sw_batch_size, 1)
         _fraction("finetune.min_coverage", self.min_coverage, closed=True)
+        _one_of("finetune.protocol", self.protocol, ("full", "frozen"))
+        _at_least("finetune.encoder_lr_scale", self.encoder_lr_scale, 0)
+        _check("finetune.layer_decay", self.layer_decay, 0 < self.layer_decay <= 1, "in (0, 1]", 0.75)
+        _fraction("finetune.flip_p", self.flip_p, closed=True)
         _one_of("finetune.amp", self.amp, AMP)
         for key in ("checkpoint_every", "keep_last", "log_every"):
             _at_least(f"finetune.{key}", getattr(self, key), 1)
