@@ -25,7 +25,8 @@ from voco_lib.pretrain import VoCoModel
 
 
 class MonaiEncoder(nn.Module):
-    """Reference: MONAI SwinUNETR(use_v2=True) encoder parts, pooled and concatenated as upstream (spec §2.2)."""
+    """Reference: MONAI SwinUNETR(use_v2=True) encoder parts, pooled and concatenated as upstream
+    (Luffy03/Large-Scale-Medical Self-supervised/models/voco_head.py:L180-205, commit 1ad538b)."""
 
     def __init__(self, feature_size: int, grad_checkpoint: bool):
         super().__init__()

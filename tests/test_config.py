@@ -106,20 +106,24 @@ def test_data_settings_live_in_their_own_section_and_round_trip():
 
 # ------------------------------------------------------------------------------------------------ method=
 def test_method_cvpr_expands_in_resolve():
-    cfg = resolve("smoke", ["method=cvpr"])
+    cfg = resolve("smoke", ["method=voco-cvpr"])
     assert (cfg.loss.variant, cfg.train.ema_scope, cfg.train.sync_bn, cfg.heads.dropout_p, cfg.heads.out_dim) == \
         ("cvpr", "full", True, 0.0, 2048)
     assert cfg.views == PROFILES["smoke"].views  # the phantom profiles keep their own small views
     assert resolve("paper", ["method=cvpr"]).views == PRESETS["cvpr"]
     assert resolve("gpu", {"method": "cvpr"}).views.grid == (4, 4, 1)
-    assert resolve("smoke", ["method=tpami"]) == resolve("smoke")
+    assert resolve("smoke", ["method=tpami"]) == resolve("smoke")  # the old names are aliases
+    assert resolve("smoke", ["method=cvpr"]) == cfg and cfg.method == "voco-cvpr"
     # an explicit key beats the method's, in either order
     assert resolve("smoke", ["heads.out_dim=512", "method=cvpr"]).heads.out_dim == 512
 
 
 def test_unknown_method_names_the_key_and_the_choices():
-    with pytest.raises(ValueError, match=r"unknown method='mae'; choose one of \['cvpr', 'tpami'\]"):
-        resolve("smoke", ["method=mae"])
+    with pytest.raises(ValueError, match=r"unknown method='simclr'; choose one of \['mae', 'swin-ssl', 'voco', "
+                                         r"'voco-cvpr', 'voco-single'\] \(aliases: tpami=voco, cvpr=voco-cvpr\)"):
+        resolve("smoke", ["method=simclr"])
+    with pytest.raises(ValueError, match="method must be one of"):  # a stored profile is checked too
+        profile_from_dict({**to_dict(resolve("smoke")), "method": "simclr"})
 
 
 # ------------------------------------------------------------------------------------------------ VOCO_PROFILE

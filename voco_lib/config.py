@@ -1,6 +1,7 @@
 """Dataclass configs: the TPAMI/CVPR view presets and the named run profiles.
 
-One config path: a named profile plus `key=value` overrides (see `resolve`), `method=tpami|cvpr` among them.
+One config path: a named profile plus `key=value` overrides (see `resolve`), `method=NAME` among them (the
+pre-training methods of `voco_lib.methods`).
 The environment variable `VOCO_PROFILE` (CI sets `smoke`) stands in only where no profile was given. Every
 value is range-checked when its section is built, so a bad key fails at once, naming the key and a fix.
 """
@@ -57,7 +58,8 @@ class ViewConfig:
 
     The region is tiled by `grid` base crops; random crops have the base-crop size (as upstream) unless
     `crop` says otherwise, and may be resized to `out_size` (CVPR resizes 96³ crops to 64³).
-    Augmentation probabilities follow the authors' TPAMI code (method spec §1.2).
+    Augmentation probabilities follow the authors' TPAMI code (Luffy03/Large-Scale-Medical
+    Self-supervised/utils/voco_trans.py:L55-64,L89-100, commit 1ad538b).
     """
 
     region: Triple = (192, 192, 64)
@@ -97,9 +99,11 @@ class ViewConfig:
 
 
 PRESETS: dict[str, ViewConfig] = {
-    # TPAMI: 3x3x1 grid of 64³ base crops over 192x192x64 (method spec §1.1).
+    # TPAMI: 3x3x1 grid of 64³ base crops over 192x192x64 (Luffy03/Large-Scale-Medical
+    # Self-supervised/utils/voco_trans.py:L80-145, commit 1ad538b).
     "tpami": ViewConfig(),
-    # CVPR 2024: 4x4x1 grid of 96³ over 384x384x96, every crop resized to 64³; shift p=0.1 (spec §1.7).
+    # CVPR 2024: 4x4x1 grid of 96³ over 384x384x96, every crop resized to 64³; shift p=0.1 (Luffy03/VoCo
+    # utils/data_utils.py:L151-406, commit ba7b7bd).
     "cvpr": ViewConfig(region=(384, 384, 96), grid=(4, 4, 1), out_size=(64, 64, 64), shift_p=0.1),
 }
 
@@ -115,13 +119,14 @@ def view_preset(name_or_config: str | ViewConfig) -> ViewConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights and variant of the VoCo loss (method spec §3)."""
+    """Weights and variant of the VoCo loss (Luffy03/Large-Scale-Medical Self-supervised/models/voco_head.py:L259-336,
+    commit 1ad538b)."""
 
     variant: str = "tpami"  # "tpami": intra + inter + reg; "cvpr": symmetrised intra, squared negatives, reg
     w_intra: float = 1.0
     w_inter: float = 1.0
     w_reg: float = 1.0
-    form: str = "code"  # "code": the released code's losses; "paper": the paper's equations (spec §3.9)
+    form: str = "code"  # "code": the released code's losses; "paper": the TPAMI paper's equations
 
     def __post_init__(self) -> None:
         _one_of("loss.variant", self.variant, ("tpami", "cvpr"))
@@ -130,7 +135,8 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """Projection heads and EMA teacher (method spec §2.3–2.4)."""
+    """Projection heads and EMA teacher (Luffy03/Large-Scale-Medical Self-supervised/models/voco_head.py:L25-55,
+    L223-250, commit 1ad538b)."""
 
     hidden_dim: int = 1024
     out_dim: int = 1024
@@ -152,7 +158,8 @@ class HeadConfig:
 class TrainConfig:
     """Optimisation, precision, distribution and logging of a pre-training run (its data: `DataConfig`).
 
-    Defaults follow the authors' TPAMI recipe (method spec §5.1): AdamW(lr 1e-4, amsgrad, PyTorch's default
+    Defaults follow the authors' TPAMI recipe (Luffy03/Large-Scale-Medical Self-supervised/voco_train.py:L184-191,
+    optimizers/lr_scheduler.py:L62-89 and dist_B.sh, commit 1ad538b): AdamW(lr 1e-4, amsgrad, PyTorch's default
     weight decay 0.01), 5,000 linear warmup steps then a half cosine to 0, stepped every iteration. Where we
     differ on purpose: AMP is a real choice (upstream forces it on), every step is seeded, resume is exact.
     """
@@ -212,7 +219,8 @@ class DataConfig:
 class FinetuneConfig:
     """Downstream fine-tuning (`voco_lib.tasks`). `None` takes the task manifest's value (the authors' recipe).
 
-    Upstream (spec §7.2): AdamW lr 3e-4 wd 1e-5, warmup-cosine stepped per iteration, one volume -> 4 crops per
+    Upstream (Luffy03/Large-Scale-Medical Downstream/monai/<Task>/main.py defaults, commit 1ad538b): AdamW
+    lr 3e-4 wd 1e-5, warmup-cosine stepped per iteration, one volume -> 4 crops per
     iteration, validation every 10 epochs with a 0.75-overlap sliding window.
     """
 
@@ -264,6 +272,70 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class MaskConfig:
+    """`method=mae`: SimMIM-style masked volume modelling (Xie et al., "SimMIM", CVPR 2022).
+
+    SimMIM's Swin recipe masks 60 % of 32-pixel patches of 192-pixel images, replaces the masked patch
+    embeddings by a learned token, predicts the pixels with one linear layer from the stride-32 map and takes
+    L1 over masked pixels only (microsoft/SimMIM configs/swin_base__100ep/
+    simmim_pretrain__swin_base__img192_window6__100ep.yaml, models/simmim.py, commit 0e71746). The phantom
+    profiles' crops are 32³, where a 32³ mask patch would mask whole crops: they use 8 (about SimMIM's
+    patch/image ratio of 1/6).
+    """
+
+    mask_ratio: float = 0.6
+    patch: int = 32  # voxels per side of a mask patch: a multiple of the Swin patch (2) dividing every crop side
+
+    def __post_init__(self) -> None:
+        _check("mae.mask_ratio", self.mask_ratio, 0 < self.mask_ratio < 1, "in (0, 1)", 0.6)
+        _check("mae.patch", self.patch, self.patch >= 2 and self.patch % 2 == 0, "an even size ≥ 2", 16)
+
+
+@dataclass(frozen=True)
+class SwinSSLConfig:
+    """`method=swin-ssl`: Swin UNETR's pretext tasks (Tang et al., "Self-Supervised Pre-Training of Swin
+    Transformers for 3D Medical Image Analysis", CVPR 2022): inpainting of cut-out blocks (L1), rotation
+    prediction (4 classes, cross-entropy) and contrastive coding of two views (NT-Xent).
+
+    Weights 1, 1, 1 and temperature 0.5 as the authors' code (Project-MONAI/research-contributions
+    SwinUNETR/Pretrain/losses/loss.py, commit 38d76f2); the cut-outs as its utils/ops.py (commit 57c3c83):
+    up to 30 % of the voxels in blocks of up to 1/4 of each side.
+    """
+
+    w_rot: float = 1.0
+    w_contrast: float = 1.0
+    w_recon: float = 1.0
+    temperature: float = 0.5
+    max_drop: float = 0.3  # largest fraction of a crop's voxels cut out (drawn uniformly in [0, max_drop))
+    max_block: float = 0.25  # largest cut-out block side, as a fraction of the crop side
+    contrast_dim: int = 512
+
+    def __post_init__(self) -> None:
+        for key in ("w_rot", "w_contrast", "w_recon"):
+            _at_least(f"swinssl.{key}", getattr(self, key), 0)
+        _positive("swinssl.temperature", self.temperature, 0.5)
+        _fraction("swinssl.max_drop", self.max_drop)
+        _check("swinssl.max_block", self.max_block, 0 < self.max_block <= 1, "in (0, 1]", 0.25)
+        _at_least("swinssl.contrast_dim", self.contrast_dim, 1)
+
+
+# The pre-training methods (their code: `voco_lib.methods.REGISTRY`, same names) and the overrides each
+# expands to. voco-cvpr (Luffy03/VoCo models/voco_head.py, commit ba7b7bd): full-network EMA, 2048-wide head
+# without the embedding dropout, the CVPR loss; on the profiles with real data (`CVPR_VIEWS_ON`) also the
+# CVPR views (4x4 grid of 96³ -> 64³), which the phantom profiles cannot afford. `voco` is the default.
+METHODS: dict[str, dict[str, str]] = {
+    "voco": {},
+    "voco-cvpr": {"loss.variant": "cvpr", "train.ema_scope": "full", "train.sync_bn": "true", "heads.dropout_p": "0",
+                  "heads.hidden_dim": "2048", "heads.out_dim": "2048"},
+    "voco-single": {},
+    "mae": {},
+    "swin-ssl": {},
+}
+METHOD_ALIASES = {"tpami": "voco", "cvpr": "voco-cvpr"}  # the names `method=` took before the registry
+CVPR_VIEWS_ON = ("gpu", "paper")
+
+
+@dataclass(frozen=True)
 class Profile:
     """A named run profile: where it runs and what it costs. Later modules add their own sections."""
 
@@ -278,8 +350,12 @@ class Profile:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mae: MaskConfig = field(default_factory=MaskConfig)
+    swinssl: SwinSSLConfig = field(default_factory=SwinSSLConfig)
+    method: str = "voco"  # the pre-training method (`voco_lib.methods`); set by `method=NAME` in `resolve`
 
     def __post_init__(self) -> None:
+        _one_of("method", self.method, METHODS)
         # MONAI's SwinUNETR (whose parameter names and released weights we share) needs feature_size % 12 == 0
         _check("feature_size", self.feature_size, self.feature_size >= 12 and self.feature_size % 12 == 0,
                "a positive multiple of 12", 48)
@@ -302,6 +378,7 @@ PROFILES: dict[str, Profile] = {
         data=DataConfig(region_mode="resize", phantom_shape=(80, 80, 64), phantom_spacing=3.0, n_eval=2),
         finetune=FinetuneConfig(steps=4, batch_size=1, roi=(32, 32, 32), eval_every=2, n_train=2, n_val=2,
                                 sw_overlap=0.25, checkpoint_every=2, log_every=1),
+        mae=MaskConfig(patch=8),
     ),
     "cpu": Profile(
         "cpu", ViewConfig(region=(64, 64, 32), grid=(2, 2, 1), n_random=2, augment=False), feature_size=12,
@@ -310,6 +387,7 @@ PROFILES: dict[str, Profile] = {
         data=DataConfig(region_mode="resize", phantom_shape=(80, 80, 64), phantom_spacing=3.0, n_eval=4),
         finetune=FinetuneConfig(steps=80, batch_size=2, roi=(32, 32, 32), eval_every=20, n_train=8, n_val=4,
                                 sw_overlap=0.25, checkpoint_every=40, log_every=5),
+        mae=MaskConfig(patch=8),
     ),
     # One GPU: TPAMI views (3x3 grid of 64³), Swin-B, bf16, gradient checkpointing, user data.
     "gpu": Profile(
@@ -319,8 +397,8 @@ PROFILES: dict[str, Profile] = {
         data=DataConfig(workers=8),
         finetune=FinetuneConfig(amp="bf16"),
     ),
-    # The authors' TPAMI recipe (spec §5.1): 2 volumes per GPU x 8 GPUs (torchrun --nproc_per_node=8),
-    # AdamW lr 1e-4 amsgrad wd 0.01, 5,000 warmup steps, 2,000,000 steps (their default), fp16 AMP with a
+    # The authors' TPAMI recipe (Large-Scale-Medical voco_train.py:L184-191, dist_B.sh): 2 volumes per GPU x 8
+    # GPUs (torchrun --nproc_per_node=8), AdamW lr 1e-4 amsgrad wd 0.01, 5,000 warmup steps, 2,000,000 steps (their default), fp16 AMP with a
     # GradScaler, gradient checkpointing, 16 workers, a checkpoint every 20,000 steps. feature_size=96|192: L|H.
     "paper": Profile(
         "paper", PRESETS["tpami"], feature_size=48, batch_size=2, n_volumes=0, steps=2_000_000,
@@ -331,15 +409,6 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
-# `method=cvpr` expands to these overrides (spec §2.6, §3.8): full-network EMA, 2048-wide head without the
-# embedding dropout, the CVPR loss; on the profiles with real data (`CVPR_VIEWS_ON`) also the CVPR views
-# (4x4 grid of 96³ -> 64³), which the phantom profiles cannot afford. `method=tpami` is the default.
-METHODS: dict[str, dict[str, str]] = {
-    "tpami": {},
-    "cvpr": {"loss.variant": "cvpr", "train.ema_scope": "full", "train.sync_bn": "true", "heads.dropout_p": "0",
-             "heads.hidden_dim": "2048", "heads.out_dim": "2048"},
-}
-CVPR_VIEWS_ON = ("gpu", "paper")
 
 
 def profile_name(requested: str | None = None) -> str:
@@ -411,19 +480,28 @@ def override(obj: Any, assignments: dict[str, Any] | Sequence[str], _prefix: str
     return replace(obj, **changes) if changes else obj
 
 
+def method_name(name: str) -> str:
+    """The registry name of `method=name` (old aliases tpami/cvpr accepted); a clear error for an unknown one."""
+    key = str(name).strip().lower()
+    key = METHOD_ALIASES.get(key, key)
+    if key not in METHODS:
+        raise ValueError(f"unknown method={name!r}; choose one of {sorted(METHODS)} (aliases: "
+                         f"{', '.join(f'{a}={b}' for a, b in METHOD_ALIASES.items())})")
+    return key
+
+
 def resolve(profile: str | None = None, overrides: dict[str, Any] | Sequence[str] | None = None) -> Profile:
     """The one config path: a named profile (None: see `profile_name`) plus overrides.
 
-    `method=tpami|cvpr` among the overrides expands to `METHODS[method]` (plus the CVPR views on
-    `CVPR_VIEWS_ON`) before the other overrides, so an explicit key still beats the method's."""
+    `method=NAME` among the overrides expands to `METHODS[NAME]` (plus the CVPR views on `CVPR_VIEWS_ON` for
+    voco-cvpr) before the other overrides, so an explicit key still beats the method's; the name is stored in
+    the profile (and so in a run's config.yaml)."""
     items = _pairs(overrides or {})
-    method = str(items.pop("method", "tpami")).strip().lower()
-    if method not in METHODS:
-        raise ValueError(f"unknown method={method!r}; choose one of {sorted(METHODS)}")
+    method = method_name(items.pop("method", "voco"))
     base = PROFILES[profile_name(profile)]
-    if method == "cvpr" and base.name in CVPR_VIEWS_ON:
+    if method == "voco-cvpr" and base.name in CVPR_VIEWS_ON:
         base = replace(base, views=PRESETS["cvpr"])
-    return override(base, {**METHODS[method], **items})
+    return override(base, {"method": method, **METHODS[method], **items})
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -442,7 +520,7 @@ def profile_from_dict(d: dict[str, Any]) -> Profile:
 
     d = dict(d)
     sections = {"views": ViewConfig, "loss": LossConfig, "heads": HeadConfig, "train": TrainConfig,
-                "data": DataConfig, "finetune": FinetuneConfig}
+                "data": DataConfig, "finetune": FinetuneConfig, "mae": MaskConfig, "swinssl": SwinSSLConfig}
     for k, cls in sections.items():
         if isinstance(d.get(k), dict):
             d[k] = build(cls, d[k])

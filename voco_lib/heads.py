@@ -1,4 +1,8 @@
-"""Projection heads, the embedding dropout ("feature augmentation") and the EMA teacher (spec §2.3–2.4)."""
+"""Projection heads, the embedding dropout ("feature augmentation") and the EMA teacher.
+
+After Luffy03/Large-Scale-Medical Self-supervised/models/voco_head.py:L25-55 (heads) and L223-250 (teacher),
+commit 1ad538b.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """VoCo losses: position prediction from similarities, intra-/inter-volume terms, base-crop regulariser.
 
-The default ("code") form reproduces the authors' released TPAMI code (method spec §3.2–3.6): an
-overlap-weighted −log(1 − |y − p|) on positives plus −log(1 − p) on non-overlapping bases, and squared
-ReLU-cosine between base crops. "paper" is the paper's equations (spec §3.9); "cvpr" the CVPR 2024 loss
-(spec §3.8). Everything is vectorised over the batch (upstream loops over samples and pairs).
+The default ("code") form reproduces the authors' released TPAMI code (Luffy03/Large-Scale-Medical
+Self-supervised/models/voco_head.py:L259-336, commit 1ad538b): an overlap-weighted −log(1 − |y − p|) on
+positives plus −log(1 − p) on non-overlapping bases, and squared ReLU-cosine between base crops. "paper" is
+the TPAMI paper's equations; "cvpr" the CVPR 2024 loss (Luffy03/VoCo models/voco_head.py, commit ba7b7bd).
+Everything is vectorised over the batch (upstream loops over samples and pairs).
 """
 
 from __future__ import annotations
