@@ -1,4 +1,4 @@
-"""`voco` command line: demo | pretrain | finetune | nnunet | phantom | datalist | fetch | weights | tasks.
+"""`voco` command line: demo | pretrain | finetune | reproduce | nnunet | phantom | datalist | fetch | weights | tasks.
 
 Each subcommand parses its arguments here and hands them to one function in the module that owns the
 concept (imported lazily, so `voco --help` stays fast). `main` turns every failure into one line on stderr,
@@ -45,6 +45,7 @@ EXAMPLES = {
     "strip-outputs": "voco strip-outputs notebooks/03_position_explorer.ipynb",
     "pretrain": "voco pretrain --profile cpu --data phantom --out runs/pretrain-cpu steps=50",
     "finetune": "voco finetune phantom-seg --init runs/pretrain-cpu --profile cpu --n-labeled 2 --seed 1",
+    "reproduce": "voco reproduce phantom --profile cpu --workers 2   (voco reproduce list: the tables)",
     "phantom": "voco phantom --n 8 --out data/phantoms",
     "datalist": "voco datalist scans/ --label-pattern '*_seg.nii.gz' --out scans/datalist.json",
     "fetch": "voco fetch samples",
@@ -112,6 +113,20 @@ def _add_run_commands(sub: Any) -> None:
     s.add_argument("overrides", nargs="*", help="datalist=PATH for a real task, and config overrides key=value "
                                                 "(e.g. finetune.steps=50 finetune.lr=1e-3)")
     s.set_defaults(func=_handler("voco_lib.tasks:cli_finetune"))
+
+    s = sub.add_parser("reproduce", help="run a table of the paper (or the phantom table) as a resumable grid of "
+                                         "notebook runs and render it")
+    s.add_argument("table", help="list | a table of data_manifests/paper/ (phantom, segmentation, model-size, "
+                                 "label-efficiency, convergence) | a table YAML file")
+    s.add_argument("--profile", default=None, help="smoke | cpu | gpu | paper (not given: $VOCO_PROFILE, else cpu)")
+    s.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of every cell (default: the table's, 0 1 2)")
+    s.add_argument("--workers", type=int, default=1, help="cells run at once (CPU: the cores split among them; "
+                                                         "GPUs: one cell per GPU)")
+    s.add_argument("--out", default=None, help="grid folder (default: runs/reproduce/TABLE/PROFILE); rerun to resume")
+    s.add_argument("--data-root", default=None, help="folder holding DATASET/dataset.json for the real tasks "
+                                                     "(default: ./data)")
+    s.add_argument("--dry-run", action="store_true", help="list the cells, their state and what each needs; run nothing")
+    s.set_defaults(func=_handler("voco_lib.reproduce:cli_reproduce"))
 
 
 def _add_data_commands(sub: Any) -> None:

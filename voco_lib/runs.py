@@ -223,7 +223,7 @@ def open_run(path: str | Path, config: dict[str, Any], resume: bool | str = Fals
     if overwrite and is_used(path):
         _move_aside(path)
     path.mkdir(parents=True, exist_ok=True)
-    run = Run(path, config, main=True, _lock=_acquire(path))
+    run = Run(path, config, main=True, _lock=lock_dir(path))
     try:
         if resume:
             run.resumed = _check_resume(path, config)
@@ -238,7 +238,8 @@ def open_run(path: str | Path, config: dict[str, Any], resume: bool | str = Fals
     return run
 
 
-def _acquire(path: Path) -> IO:
+def lock_dir(path: Path) -> IO:
+    """An exclusive lock on `path/.lock` (held while the returned file is open); a second writer is told the holder."""
     f = open(path / ".lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
