@@ -171,21 +171,15 @@ def _outcome(p: Planned, ran: dict[Cell, Outcome], out: Path, failed_rows: dict[
 def _render(t: Table, profile: str, out: Path, outcomes: list[Outcome], seeds: Sequence[int] | None,
             counts: tuple[int, int],
             wall_s: float, pretrain_dirs: dict[str, tuple[Path, str]]) -> Report:
-    import io
+    from voco_lib.viz import write_png
 
     prov = provenance(t, profile, outcomes, seeds, counts, wall_s, pretrain_dirs)
     entries = render.summarize(t, outcomes)
     md = render.markdown(t, entries, profile, prov)
-    fig = render.figure(t, entries, outcomes)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    png = write_png(render.figure(t, entries, outcomes), out / "table.png")
     files = {"md": write_text(out / "table.md", md), "csv": write_text(out / "table.csv", render.csv_text(t, entries)),
-             "html": write_text(out / "table.html", render.html_page(t.title, md, buf.getvalue())),
-             "provenance": write_text(out / "provenance.json", json.dumps(prov, indent=1))}
-    tmp = out / ".table.png.tmp"
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(out / "table.png")
-    files["png"] = out / "table.png"
+             "html": write_text(out / "table.html", render.html_page(t.title, md, png.read_bytes())),
+             "provenance": write_text(out / "provenance.json", json.dumps(prov, indent=1)), "png": png}
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         print(f"voco reproduce: {len(failed)} cell(s) failed, first: {failed[0].cell.slug}: {failed[0].reason}")
@@ -201,7 +195,7 @@ def provenance(t: Table, profile: str, outcomes: Sequence[Outcome], seeds: Seque
     cells = [{"cell": o.cell.slug, "status": o.status, "key": o.key, "reason": o.reason or None,
               **({k: o.result.get(k) for k in ("value", "init", "init_sha256", "split", "wall_s", "device",
                                                "notebook", "run_dir")} if o.result else {})} for o in outcomes]
-    return {"table": t.name, "profile": profile, "seeds": list(seeds if seeds is not None else t.raw["seeds"]),
+    return {"table": t.name, "profile": profile, "seeds": list(seeds if seeds is not None else t.seeds(profile)),
             "commit": _commit(), "device": device_name(), "host": platform.node(), "torch": str(torch.__version__),
             "wall_s": round(wall_s, 1), "cells_run": counts[0], "cells_reused": counts[1],
             "pretrain": {row: {"run_dir": str(d), "key": k} for row, (d, k) in pretrain_dirs.items()}, "cells": cells}

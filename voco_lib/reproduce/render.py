@@ -179,6 +179,21 @@ def _curves(ax: Any, table: Table, outcomes: Sequence[Outcome], column: str | No
         ax.legend(fontsize=7)
 
 
+def verdicts(table: Table, entries: Sequence[Entry]) -> list[str]:
+    """Per row, protocol and column: is the paired difference to the baseline larger than the seeds' spread?"""
+    lines = []
+    for e in entries:
+        if e.row == table.baseline or e.diff_mean is None:
+            continue
+        sd = e.diff_sd
+        verdict = ("one seed: no spread to judge" if sd is None else "ahead beyond the seeds' spread"
+                   if e.diff_mean > sd else "behind beyond the seeds' spread" if -e.diff_mean > sd
+                   else "within the seeds' spread: no evidence either way")
+        lines.append(f"{e.row:12s} {e.protocol:6s} {e.column:16s} Δ = {e.diff_mean:+.3f}"
+                     + ("" if sd is None else f" ± {sd:.3f}") + f" over {len(e.diff)} seed(s): {verdict}")
+    return lines
+
+
 def html_page(title: str, md: str, png: bytes | None) -> str:
     """A self-contained page: the Markdown tables as HTML (no CDN, no scripts) and the figure embedded."""
     import markdown as md_lib
