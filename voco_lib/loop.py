@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -75,12 +75,29 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, warmup: int, steps: int,
-          amsgrad: bool = False) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters (an EMA teacher has none) with the warmup-cosine schedule."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
+def adamw(model: nn.Module, lr: float, weight_decay: float, warmup: int, steps: int, amsgrad: bool = False,
+          groups: Sequence[dict[str, Any]] | None = None
+          ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters (an EMA teacher has none) with the warmup-cosine schedule.
+
+    groups: parameter groups ({"params": [...], "lr": ..., any other AdamW option}) that must hold every trainable
+    parameter of `model` exactly once; each group's lr follows the same schedule (the logged lr is the first's)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if groups is None:
+        opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
+    else:
+        _check_groups(trainable, groups)
+        opt = torch.optim.AdamW([dict(g) for g in groups], lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, steps))
+
+
+def _check_groups(trainable: list[nn.Parameter], groups: Sequence[dict[str, Any]]) -> None:
+    """Every trainable parameter in exactly one group, and nothing else (a frozen one would train)."""
+    seen = [id(p) for g in groups for p in g["params"]]
+    want = {id(p) for p in trainable}
+    if len(seen) != len(set(seen)) or set(seen) != want:
+        raise ValueError(f"adamw groups: {len(seen)} parameter entries ({len(set(seen))} distinct) for "
+                         f"{len(want)} trainable parameters; each trainable parameter must be in exactly one group")
 
 
 def seed_everything(seed: int) -> None:

@@ -1,7 +1,9 @@
 """Classification fine-tuning: the Swin encoder's pooled embedding (24·feature values) and a linear head.
 
-Upstream (spec §7.1): CC-CCII 3 classes on slice stacks, LUNA16 binary on 64³ candidate patches. Each
-volume is resized to the roi (the whole preprocessed volume, as the pre-training's "resize" regions).
+`finetune.protocol=frozen`: the encoder is fixed (`probe.freeze`) and only the linear head trains (a linear
+probe of the embedding). Upstream (Luffy03/Large-Scale-Medical Downstream/monai/CC-CCII and LUNA16/main.py,
+commit 1ad538b): CC-CCII 3 classes on slice stacks, LUNA16 binary on 64³ candidate patches. Each volume is
+resized to the roi (the whole preprocessed volume, as the pre-training's "resize" regions).
 Phantom analog: lesion present/absent (balanced by forcing the lesion on even seeds), or
 `organ_enlarged:<organ>` (volume above the training cohort's median).
 Real data: an MSD-style datalist whose entries carry an integer `target` beside `image`.
@@ -9,6 +11,7 @@ Real data: an MSD-style datalist whose entries carry an integer `target` beside 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -19,19 +22,23 @@ from voco_lib.tasks.data import (Sample, labelled_count, labelled_datalist, phan
                                  random_flips, resize_to, stack)
 from voco_lib.tasks.engine import Context, Runner
 from voco_lib.tasks.metrics import accuracy, auc
+from voco_lib.tasks.probe import FrozenEncoderMixin, freeze
 
 
-class EncoderClassifier(nn.Module):
-    """encoder.embed(x) -> dropout -> linear: logits (N, K)."""
+class EncoderClassifier(FrozenEncoderMixin, nn.Module):
+    """encoder.embed(x) -> dropout -> linear: logits (N, K). frozen: the encoder is fixed (no graph, eval mode)."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.0):
+    def __init__(self, encoder: nn.Module, num_classes: int, dropout: float = 0.0, frozen: bool = False):
         super().__init__()
-        self.encoder = encoder
+        self.frozen = frozen
+        self.encoder = freeze(encoder) if frozen else encoder
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.embed_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.encoder.embed(x)))
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            z = self.encoder.embed(x)
+        return self.head(self.drop(z))
 
 
 def phantom_targets(task, samples: list[Sample], reference: list[Sample] | None = None) -> list[int]:
@@ -74,7 +81,7 @@ class ClassificationRunner(Runner):
         from voco_lib.backbone import build_backbone
 
         enc = build_backbone(ctx.feature_size, ctx.roi, task.in_channels)
-        self.model = EncoderClassifier(enc, task.out_channels)
+        self.model = EncoderClassifier(enc, task.out_channels, frozen=fc.protocol == "frozen")
         self.ce = nn.CrossEntropyLoss()
 
     def init_target(self) -> nn.Module:
@@ -83,7 +90,7 @@ class ClassificationRunner(Runner):
     def loss(self, net: nn.Module, step: int, micro: int) -> torch.Tensor:
         g = self.ctx.generator(2, step)
         idx = torch.randint(self.n_train, (self.ctx.global_batch,), generator=g)  # the step's global batch
-        flips = [random_flips([self.train[i]["image"]], g)[0] for i in idx.tolist()]
+        flips = [random_flips([self.train[i]["image"]], g, self.ctx.fc.flip_p)[0] for i in idx.tolist()]
         x, idx = torch.stack(self.ctx.share(flips, micro)), self.ctx.share(idx, micro)
         return self.ce(net(x.to(self.ctx.device)), self.y_train[idx].to(self.ctx.device))
 

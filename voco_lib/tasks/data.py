@@ -3,7 +3,8 @@
 A task manifest names spacing and intensity; `task_chain` turns them into the same `preprocess.Chain` the
 pre-training uses, so a phantom task sees exactly what VoCo pre-training saw (whole torso, foreground
 crop, resized to the roi: the phantom section's `resize_to_roi`), and a real task gets the authors'
-per-task chain (spec §7.1: RAS -> spacing -> HU window or MRI z-score -> foreground crop -> pad to roi).
+per-task chain (RAS -> spacing -> HU window or MRI z-score -> foreground crop -> pad to roi: Luffy03/Large-Scale-Medical
+Downstream/monai/BTCV/utils/data_utils.py:L73-83, commit 1ad538b).
 Everything is loaded once and held in memory (fine for the phantom and for BTCV-sized sets).
 """
 
@@ -210,7 +211,9 @@ def stack(samples: Sequence[Sample], key: str = "image") -> torch.Tensor:
 
 
 def random_flips(tensors: Sequence[torch.Tensor], g: torch.Generator, p: float = 0.2) -> list[torch.Tensor]:
-    """The same random flips (each spatial axis with probability p, spec §7.2) applied to (C, X, Y, Z) tensors."""
+    """The same random flips (each spatial axis with probability p; the task runners pass finetune.flip_p, upstream's
+    RandFlipd_prob 0.2: Luffy03/Large-Scale-Medical Downstream/monai/BTCV/main.py:L95, utils/data_utils.py:L95-97,
+    commit 1ad538b) applied to (C, X, Y, Z) tensors. Three draws from `g` whatever p is (p=0 keeps later draws)."""
     axes = [a + 1 for a in range(3) if float(torch.rand((), generator=g)) < p]
     return [t.flip(axes) if axes else t for t in tensors]
 
@@ -219,7 +222,8 @@ def random_crop_start(shape: Sequence[int], roi: Sequence[int], g: torch.Generat
                       foreground: torch.Tensor | None = None, pos_fraction: float = 0.9) -> tuple[int, ...]:
     """Start of a roi crop: centred on a random foreground voxel with probability `pos_fraction`, else anywhere.
 
-    The rule of MONAI's RandCropByPosNegLabeld(pos=9, neg=1) that upstream uses (spec §7.2), drawn from `g`.
+    The rule of MONAI's RandCropByPosNegLabeld(pos=9, neg=1) that upstream uses (Luffy03/Large-Scale-Medical
+    Downstream/monai/BTCV/utils/data_utils.py:L85-94, commit 1ad538b), drawn from `g`.
     """
     if foreground is not None and float(torch.rand((), generator=g)) < pos_fraction:
         idx = torch.nonzero(foreground)

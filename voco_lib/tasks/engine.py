@@ -5,8 +5,11 @@ What is here, once for the four task types:
   (its `encoder.pt`, released layout) or a file; loaded with `checkpoints.load_encoder` and its coverage
   report kept in `results.json`;
 - AdamW + linear-warmup cosine stepped per iteration (the authors' fine-tuning recipe); every draw seeded;
+  `finetune.protocol=full` trains everything (with `encoder_lr_scale` / `layer_decay`: the encoder's parameter
+  groups of `probe.param_groups`), `frozen` fixes the encoder and trains a linear read-out (`probe`);
 - the run directory (`voco_lib.runs`: config.yaml with the init's sha256, metrics.jsonl, checkpoints/) and
-  `results.json` (final metrics + provenance: task, init, checkpoint sha256, seed, profile, n_labeled);
+  `results.json` (final metrics + provenance: task, init, checkpoint sha256, seed, profile, n_labeled,
+  protocol, the split the metric is on);
 - torchrun: every rank draws the step's global batch from the same generator and trains on its share
   (`Context.share`); rank 0 validates and writes. Two ranks compute what one process with
   `finetune.accum=2` computes (tests/test_finetune_ddp.py).
@@ -30,6 +33,7 @@ from voco_lib.distributed import broadcast_object, init_runtime, main_first, shu
 from voco_lib.files import sha256, write_text
 from voco_lib.loop import LoopSpec, adamw, autocast_for, fit, seed_everything, tune_allocator
 from voco_lib.runs import Run, json_safe, latest_checkpoint, open_run, read_config, read_metrics
+from voco_lib.tasks.probe import FROZEN_TYPES, param_groups
 from voco_lib.tasks.registry import Task, load_task, task_from_dict
 
 RELEASED = {"voco-b": "VoCo_B_SSL_head", "voco-l": "VoCo_L_SSL_head", "voco-h": "VoCo_H_SSL_head"}
@@ -166,6 +170,7 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
     task = load_task(task) if not isinstance(task, Task) else task
     cfg = resolve(profile, overrides)
     _check_task(task, datalist)
+    _check_protocol(task, cfg.finetune)
     rt = init_runtime(timeout_min=FT_TIMEOUT_MIN)
     with main_first(rt):  # a released checkpoint is fetched once, by rank 0
         init_path = resolve_init(init)
@@ -187,7 +192,8 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
         coverage = None if init_path is None else load_init(
             runner.init_target(), init_path, fc.min_coverage if task.in_channels == 1 else min(fc.min_coverage, 0.9))
         spec = _loop_spec(ctx, runner.n_train)
-        opt, sched = adamw(model, ctx.lr, fc.weight_decay, _warmup(ctx, runner.n_train), spec.steps)
+        opt, sched = adamw(model, ctx.lr, fc.weight_decay, _warmup(ctx, runner.n_train), spec.steps,
+                           groups=_groups(runner, ctx))
         if rt.main:
             print(f"voco finetune {task.name}: {rt.world} process(es) on {rt.device.type}, global batch "
                   f"{ctx.global_batch} ({fc.batch_size} × accum {fc.accum} × {rt.world}), lr {ctx.lr:g}, "
@@ -200,7 +206,9 @@ def run(task: str | Task, runner_cls: type[Runner], init: str | Path | None = "s
         results = _results(runner, r, spec, {**prov, "n_train": runner.n_train, "steps": spec.steps, "lr": ctx.lr,
                                             "roi": list(ctx.roi), "overrides": _override_list(overrides),
                                             "torch": str(torch.__version__), "world_size": rt.world,
-                                            "accum": fc.accum, "global_batch": ctx.global_batch},
+                                            "accum": fc.accum, "global_batch": ctx.global_batch,
+                                            "protocol": fc.protocol, "recipe": _recipe(ctx, runner.n_train),
+                                            "split": {"file": datalist or "phantom", "part": "validation"}},
                            coverage, time.time() - t0) if rt.main else None
     results = broadcast_object(results, rt)
     shutdown(rt)
@@ -227,6 +235,31 @@ def _check_task(task: Task, datalist: str | None) -> None:
         warnings.warn(f"task {task.name}: the paper fine-tunes it with nnU-Net; this run uses our SwinUNETR path "
                       f"instead. For the paper's setting: voco nnunet export {task.name} DATALIST OUT --id N (then "
                       "the printed nnUNetv2 commands)", stacklevel=3)
+
+
+def _check_protocol(task: Task, fc: FinetuneConfig) -> None:
+    if fc.protocol == "frozen" and task.type not in FROZEN_TYPES:
+        raise ValueError(f"finetune.protocol=frozen is not supported for task {task.name} (type {task.type}); "
+                         f"it supports {', '.join(FROZEN_TYPES)}: use finetune.protocol=full")
+
+
+def _groups(runner: Runner, ctx: Context) -> list[dict[str, Any]] | None:
+    """The optimizer's parameter groups: None (one group at lr) unless the full protocol scales the encoder's lr.
+    Under the frozen protocol the encoder must have no trainable parameter (its runner froze it)."""
+    fc, encoder = ctx.fc, runner.init_target()
+    if fc.protocol == "frozen":
+        if any(p.requires_grad for p in encoder.parameters()):
+            raise RuntimeError(f"finetune.protocol=frozen: the {ctx.task.type} runner left encoder parameters trainable")
+        return None
+    if fc.encoder_lr_scale == 1.0 and fc.layer_decay == 1.0:
+        return None
+    return param_groups(runner.model, encoder, ctx.lr, fc.encoder_lr_scale, fc.layer_decay)
+
+
+def _recipe(ctx: Context, n_train: int) -> dict[str, Any]:
+    fc = ctx.fc
+    return {"encoder_lr_scale": fc.encoder_lr_scale, "layer_decay": fc.layer_decay,
+            "warmup_steps": _warmup(ctx, n_train), "flip_p": fc.flip_p, "weight_decay": fc.weight_decay}
 
 
 def _loop_spec(ctx: Context, n_train: int) -> LoopSpec:

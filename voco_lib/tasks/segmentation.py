@@ -1,8 +1,10 @@
 """Segmentation fine-tuning: SwinUNETR on our Swin encoder, DiceCE, sliding-window Dice (and HD95).
 
-The authors' recipe (spec §7.2): random roi crops centred on foreground 9 times in 10, flips, DiceCE
-without background, per-iteration warmup-cosine AdamW, validation by sliding-window inference and mean
-foreground Dice in the resampled space. `--n-labeled K` keeps the first K labelled volumes of the pool
+The authors' recipe (Luffy03/Large-Scale-Medical Downstream/monai/BTCV/utils/data_utils.py:L85-97 and
+main.py:L66-68,L95,L213-215, commit 1ad538b): random roi crops centred on foreground 9 times in 10, flips
+(finetune.flip_p per axis), DiceCE without background, per-iteration warmup-cosine AdamW, validation by
+sliding-window inference and mean foreground Dice in the resampled space. `finetune.protocol=frozen` trains
+`probe.LinearSegmentationProbe` on the fixed encoder instead of the SwinUNETR decoder. `--n-labeled K` keeps the first K labelled volumes of the pool
 (label efficiency); the validation curve over steps is the convergence curve.
 """
 
@@ -19,6 +21,7 @@ from voco_lib.tasks.data import (Sample, labelled_count, labelled_datalist, phan
                                  random_crop_start, random_flips)
 from voco_lib.tasks.engine import Context, Runner
 from voco_lib.tasks.metrics import dice_per_class, hd95_per_class
+from voco_lib.tasks.probe import LinearSegmentationProbe
 
 
 def labelled_split(ctx: Context) -> tuple[list[Sample], list[Sample]]:
@@ -33,9 +36,13 @@ def labelled_split(ctx: Context) -> tuple[list[Sample], list[Sample]]:
 
 
 def build_model(ctx: Context) -> torch.nn.Module:
+    """SwinUNETR (full protocol), or the linear probe on a fixed encoder (frozen protocol)."""
     from voco_lib.backbone import build_backbone
 
-    return build_backbone(ctx.feature_size, ctx.roi, ctx.task.in_channels, out_channels=ctx.task.out_channels)
+    task = ctx.task
+    if ctx.fc.protocol == "frozen":
+        return LinearSegmentationProbe(build_backbone(ctx.feature_size, ctx.roi, task.in_channels), task.out_channels)
+    return build_backbone(ctx.feature_size, ctx.roi, task.in_channels, out_channels=task.out_channels)
 
 
 class SegmentationRunner(Runner):
@@ -48,9 +55,12 @@ class SegmentationRunner(Runner):
         self.model = build_model(ctx)
         self.loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
 
+    def init_target(self) -> torch.nn.Module:
+        return self.model.encoder if isinstance(self.model, LinearSegmentationProbe) else self.model
+
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """This micro-batch's share of the step's roi crops (`ctx.global_batch` of them, drawn in one sequence):
-        each from a random training volume, foreground-centred 9 times in 10, flipped."""
+        each from a random training volume, foreground-centred 9 times in 10, flipped (finetune.flip_p per axis)."""
         g = self.ctx.generator(1, step)
         roi, crops = self.ctx.roi, []
         for _ in range(self.ctx.global_batch):
@@ -58,7 +68,7 @@ class SegmentationRunner(Runner):
             img, lab = s["image"], s["label"]
             start = random_crop_start(img.shape[1:], roi, g, foreground=lab[0] > 0)
             sl = (slice(None),) + tuple(slice(a, a + r) for a, r in zip(start, roi))
-            crops.append(random_flips([img[sl], lab[sl]], g))
+            crops.append(random_flips([img[sl], lab[sl]], g, self.ctx.fc.flip_p))
         mine = self.ctx.share(crops, micro)
         xs, ys = [_pad_to(img, roi) for img, _ in mine], [_pad_to(lab, roi) for _, lab in mine]
         return torch.stack(xs).to(self.ctx.device), torch.stack(ys).to(self.ctx.device)
