@@ -98,7 +98,12 @@ def _add_run_commands(sub: Any) -> None:
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    s.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. steps=100 views.n_random=4)")
+    s.add_argument("--labelled", default=None, help="method=omni (VoComni): labelled set, a datalist with labels "
+                                                     "or phantom")
+    s.add_argument("--unlabelled", default=None, help="method=omni: unlabelled set, a datalist or phantom "
+                                                       "(default: --data)")
+    s.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. steps=100 views.n_random=4); "
+                                                "method=voco|voco-cvpr|voco-single|mae|swin-ssl|omni")
     s.set_defaults(func=_handler("voco_lib.pretrain:cli_pretrain"))
 
     s = sub.add_parser("finetune", help="fine-tune on a downstream task from the registry")
