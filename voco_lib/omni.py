@@ -51,7 +51,7 @@ from voco_lib.data.preprocess import get_chain, preprocess, preprocess_array
 from voco_lib.distributed import init_runtime, shutdown
 from voco_lib.files import atomic_write, sha256, write_text
 from voco_lib.loop import LoopSpec, adamw, fit, seed_everything, tune_allocator
-from voco_lib.pretrain import VoCoModel, evaluate as position_eval, training_step
+from voco_lib.methods.voco import VoCoModel, evaluate as position_eval, training_step
 from voco_lib.runs import RunDirError, open_run, read_metrics
 from voco_lib.tasks.data import random_crop_start, random_flips, resize_to
 from voco_lib.tasks.metrics import dice_per_class
@@ -96,8 +96,13 @@ class OmniConfig:
 
 def resolve_omni(profile: str | None, overrides: Sequence[str] | dict[str, str] | None) -> tuple[Profile, OmniConfig]:
     """The profile (+ overrides) and the `omni.*` keys; `method=omni` (the CLI's selector) is dropped."""
-    items = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in overrides or []) \
-        if not isinstance(overrides, dict) else dict(overrides)
+    if isinstance(overrides, dict):
+        items = dict(overrides)
+    else:
+        bad = [kv for kv in overrides or [] if "=" not in kv]
+        if bad:
+            raise ValueError(f"override {bad[0]!r} is not of the form key=value")
+        items = dict(kv.split("=", 1) for kv in overrides or [])
     if str(items.pop("method", "omni")).strip().lower() != "omni":
         raise ValueError("voco omni: method must be omni (method=tpami|cvpr are `voco pretrain` without --labelled)")
     omni = {k[len("omni."):]: v for k, v in items.items() if k.startswith("omni.")}
@@ -258,6 +263,10 @@ def load_data(labelled: str, unlabelled: str, cfg: Profile, oc: OmniConfig, run_
         unl = [_to_seg_space({"name": _stem(p), "source": p, "image": vols[i].float(), "label": None}, cfg,
                              get_chain(cfg.data.chain).spacing) for i, p in enumerate(vols.paths)]
     real = {Path(s["label_file"]).resolve() for s in train + val if "label_file" in s}
+    if Path(unlabelled).is_file():  # labels an unlabelled datalist happens to list are real labels too
+        from voco_lib.data.manifests import read_datalist
+
+        real |= {Path(e["label"]).resolve() for e in read_datalist(unlabelled, "training") if e.get("label")}
     return OmniData(classes, train, val, unl, vols, held, real, {"labelled": labelled, "unlabelled": unlabelled})
 
 
