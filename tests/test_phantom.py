@@ -1,25 +1,51 @@
-"""The procedural torso phantom: determinism, anatomy in RAS world coordinates, HU per tissue, attributes, CLI."""
+"""The procedural torso phantom: determinism, anatomy in RAS world coordinates, variation across patients where
+pre-training looks (the cpu profile's region grid), field of view, HU per tissue, attributes, CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch.nn.functional as F
 from scipy import ndimage
 
 from voco_lib.cli import main
 from voco_lib.data.phantom import class_ids, class_table, make_phantom, make_phantom_subject
+from voco_lib.data.preprocess import CHAINS, preprocess_array
 
 IDS = class_ids()
 SEEDS = (0, 1, 2)
+COHORT = range(12)  # coarse phantoms for the variation and plausibility checks
+SEG_ORGANS = ("spleen", "kidney_right", "kidney_left", "liver", "stomach")  # phantom-seg's soft-tissue organs
+ALWAYS_SCANNED = SEG_ORGANS + ("pancreas", "gallbladder", "aorta", "vertebrae")
+REGION = (64, 64, 32)  # the cpu profile's region (voco_lib/config.py)
 
 
 @pytest.fixture(scope="module")
 def subjects():
     return {s: make_phantom_subject(s) for s in SEEDS}
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    """Coarse phantoms (the cpu profile's 80x80x64 at 3 mm) and their label maps on the pre-training region grid."""
+    chain = dataclasses.replace(CHAINS["abdomen"], spacing=(3.0, 3.0, 3.0))
+    out = []
+    for seed in COHORT:
+        s = make_phantom_subject(seed, shape=(80, 80, 64), spacing=3.0)
+        lab = preprocess_array(s.image, s.affine, chain, label=s.label)["label"].as_tensor().float()
+        region = F.interpolate(lab[None], size=REGION, mode="nearest")[0, 0].round().long().numpy()
+        out.append((s, region))
+    return out
+
+
+def voxel_centroid(label: np.ndarray, name: str) -> np.ndarray | None:
+    idx = np.argwhere(label == IDS[name])
+    return idx.mean(0) if len(idx) else None
 
 
 def world_centroid(label: np.ndarray, affine: np.ndarray, name: str) -> np.ndarray:
@@ -40,22 +66,85 @@ def test_contract_and_determinism(subjects):
     assert subjects[0].attributes["body"] != subjects[1].attributes["body"]
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_anatomy_in_ras_world(subjects, seed):
-    s = subjects[seed]
-    c = {n: world_centroid(s.label, s.affine, n) for n in
-         ("liver", "spleen", "kidney_left", "kidney_right", "aorta", "lung_left", "lung_right", "urinary_bladder",
-          "heart", "vertebrae")}
-    # RAS+ (NIfTI): +x towards the patient's right, +y anterior, +z superior.
-    assert c["liver"][0] > 0 > c["spleen"][0], "liver on the patient's right, spleen on the left"
-    assert c["kidney_right"][0] > c["aorta"][0] > c["kidney_left"][0]
+def check_anatomy(c: dict[str, np.ndarray | None], min_gap_z: float) -> None:
+    """Relative positions that fail if organs were swapped or mirrored; `c` in RAS-ordered coordinates
+    (+x patient's right, +y anterior, +z superior); organs the field of view left out are None."""
+    assert c["liver"][0] > c["spleen"][0], "liver on the patient's right of the spleen"
+    assert c["kidney_right"][0] > c["aorta"][0] > c["kidney_left"][0], "kidneys either side of the aorta"
     for k in ("kidney_left", "kidney_right"):
         assert c[k][1] < c["aorta"][1], "kidneys posterior to the aorta"
     assert c["vertebrae"][1] < c["aorta"][1], "spine behind the aorta"
+    assert c["liver"][2] > min(c["kidney_left"][2], c["kidney_right"][2]), "liver above the lower kidney"
     for lung in ("lung_left", "lung_right"):
-        assert c[lung][2] > c["liver"][2] + 20, "lungs superior to the liver"
-    assert c["lung_right"][0] > 0 > c["lung_left"][0]
-    assert c["heart"][2] > c["liver"][2] and c["urinary_bladder"][2] < min(c["kidney_left"][2], c["kidney_right"][2])
+        if c[lung] is not None:
+            assert c[lung][2] > c["liver"][2] + min_gap_z, "lungs above the diaphragm, over the liver"
+    if c["lung_right"] is not None and c["lung_left"] is not None:
+        assert c["lung_right"][0] > c["lung_left"][0]
+    if c["heart"] is not None:
+        assert c["heart"][2] > c["liver"][2]
+    if c["urinary_bladder"] is not None:
+        assert c["urinary_bladder"][2] < min(c["kidney_left"][2], c["kidney_right"][2])
+
+
+ANATOMY = ("liver", "spleen", "kidney_left", "kidney_right", "aorta", "lung_left", "lung_right", "urinary_bladder",
+           "heart", "vertebrae")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_anatomy_in_ras_world(subjects, seed):
+    s = subjects[seed]
+    c = {n: world_centroid(s.label, s.affine, n) if (s.label == IDS[n]).any() else None for n in ANATOMY}
+    assert all(c[n] is not None for n in ANATOMY if n in ALWAYS_SCANNED)
+    # RAS+ (NIfTI): +x towards the patient's right, +y anterior, +z superior; the body centre near x = 0.
+    assert c["liver"][0] > 0 > c["spleen"][0]
+    check_anatomy(c, min_gap_z=20.0)
+
+
+def test_anatomy_on_the_region_grid_of_every_patient(cohort):
+    """What pre-training sees: the same layout in every patient, the liver in the right half, the spleen in the left."""
+    for s, region in cohort:
+        c = {n: voxel_centroid(region, n) for n in ANATOMY}
+        check_anatomy(c, min_gap_z=2.0)  # region voxels: ~6 mm in z
+        assert c["liver"][0] >= REGION[0] / 2 > c["spleen"][0], s.attributes["seed"]
+
+
+def test_patients_vary_where_pretraining_looks(cohort):
+    """Organ centroids on the region grid spread over the cohort, and an organ moves between base crops.
+
+    Thresholds: an sd under ~1 voxel leaves the label maps of different patients nearly interchangeable (the
+    whole-torso generator this replaced measured median sds of 0.7 / 1.1 / 1.7 voxels in x / y / z on these
+    seeds); we require 1.3 / 1.4 / 2.0 (x: over 4 mm at the region's ~3.5 mm per voxel).
+    """
+    sd = np.array([np.std([voxel_centroid(r, n) for _, r in cohort], axis=0, ddof=1) for n in SEG_ORGANS])
+    med = np.median(sd, axis=0)
+    assert med[0] > 1.3 and med[1] > 1.4 and med[2] > 2.0, f"median centroid sd (x, y, z) {med.round(2)}"
+    crop = {n: {(int(c[0] >= REGION[0] / 2), int(c[1] >= REGION[1] / 2)) for c in
+                (voxel_centroid(r, n) for _, r in cohort) if c is not None} for n in ANATOMY + ("pancreas",)}
+    assert any(len(v) > 1 for v in crop.values()), crop
+
+
+def test_field_of_view_varies_and_keeps_the_abdominal_organs(cohort):
+    """The scan range is a random crop of the torso: its length varies, chest and pelvis organs are cut or left
+    out, but the upper-abdominal organs are always scanned whole (never touch the first or last scanned slice)."""
+    lengths = []
+    for s, _ in cohort:
+        z0, z1 = s.attributes["fov_z_mm"]
+        lengths.append(z1 - z0)
+        zs = s.affine[2, 3] + 3.0 * np.arange(s.label.shape[2])
+        first, last = np.searchsorted(zs, [z0 - 0.01, z1 - 0.01])
+        for n in ALWAYS_SCANNED[:7]:
+            m = s.label == IDS[n]
+            assert m.any() and not m[:, :, first].any() and not m[:, :, last].any(), (s.attributes["seed"], n)
+    assert np.std(lengths) > 10 and min(lengths) < 0.8 * 189, lengths
+    present = [(s.label == IDS["urinary_bladder"]).any() for s, _ in cohort]
+    assert 0.5 < np.mean(present) < 1.0, "the bladder is scanned in most patients, not all"
+
+
+def test_same_seed_same_coarse_patient(cohort):
+    s, _ = cohort[3]
+    again = make_phantom_subject(3, shape=(80, 80, 64), spacing=3.0)
+    assert np.array_equal(again.image, s.image) and np.array_equal(again.label, s.label)
+    assert again.attributes == s.attributes
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -87,8 +176,13 @@ def test_attributes_match_the_label_map(subjects):
     ml = 1.5**3 / 1000
     for name, vol in s.attributes["organ_volumes_ml"].items():
         assert vol == pytest.approx((s.label == IDS[name]).sum() * ml, abs=1e-3)
+    # fov_z_mm: world z of the first and last scanned slices; every other slice is air, every scanned one has body.
     z0, z1 = s.attributes["fov_z_mm"]
-    assert z0 == pytest.approx(s.affine[2, 3], abs=0.01) and z1 - z0 == pytest.approx(127 * 1.5, abs=0.01)
+    zs = s.affine[2, 3] + 1.5 * np.arange(s.image.shape[2])
+    scanned = (zs >= z0 - 0.01) & (zs <= z1 + 0.01)
+    assert zs[scanned][0] == pytest.approx(z0, abs=0.01) and zs[scanned][-1] == pytest.approx(z1, abs=0.01)
+    assert (s.image[:, :, ~scanned] < -900).all() and not s.label[:, :, ~scanned].any()
+    assert ((s.image[:, :, scanned] > -500).sum(axis=(0, 1)) > 1000).all()
 
 
 def test_lesion_forced_on_and_off():
@@ -117,7 +211,7 @@ def test_anatomy_is_in_millimetres_not_voxels(subjects):
     coarse = make_phantom_subject(0, shape=(80, 80, 64), spacing=3.0)
     np.testing.assert_allclose(coarse.affine[:3, :3], np.eye(3) * 3.0)
     lesion_organ = (subjects[0].attributes["lesion"] or {}).get("organ")  # lesion voxels are drawn per grid
-    for name in {"liver", "spleen", "kidney_left", "kidney_right", "aorta", "urinary_bladder"} - {lesion_organ}:
+    for name in {"liver", "spleen", "kidney_left", "kidney_right", "aorta", "stomach"} - {lesion_organ}:
         fine_c = world_centroid(subjects[0].label, subjects[0].affine, name)
         coarse_c = world_centroid(coarse.label, coarse.affine, name)
         assert np.linalg.norm(fine_c - coarse_c) < 3.0, name

@@ -1,14 +1,19 @@
 """A procedural torso CT phantom with organ labels: the embedded default data (no download needed).
 
-VoCo learns from the consistent layout of anatomy, so the phantom puts organs where they belong in a
-patient: in RAS+ world coordinates (+x towards the patient's right, +y anterior, +z superior; NIfTI's
-convention, the x and y of DICOM's LPS negated) the liver lies on the patient's right (larger x) of the spleen, the kidneys lie posterior to the aorta beside the spine, the
-lungs sit above the diaphragm and the bladder at the bottom. Each seed gives a different "patient":
-body size, fat and muscle thickness, organ sizes, shapes and positions, a small rotation, the
-field-of-view start in z, HU per tissue and an optional lesion, all drawn from one numpy Generator.
+VoCo learns from the consistent layout of anatomy, so the phantom puts organs where they belong in a patient:
+in RAS+ world coordinates (+x towards the patient's right, +y anterior, +z superior; NIfTI's convention, the x
+and y of DICOM's LPS negated) the liver lies on the patient's right (larger x) of the spleen, the kidneys lie
+posterior to the aorta beside the spine, the lungs sit above the diaphragm and the bladder at the bottom. Each
+seed gives a different "patient": body cavity size with 4-24 mm of subcutaneous fat around it, organ sizes (a
+factor 0.8-1.2 per organ), shapes and positions (diaphragm height, kidney level and per-organ jitter of up to
+~1 cm), a small rotation, HU per tissue and an optional lesion, all drawn from one numpy Generator. The grid
+is a scan of the body, not the whole torso: a random z range (from just above the liver to the mid-chest, from
+below the kidneys to below the bladder; slices outside it are air) and an in-plane offset that may cut a wide
+patient's fat at the frame's edge, so after the foreground crop and resize the organs land at different places
+in the region (`benchmarks/phantom.py --variation 24` measures it).
 
-The anatomy is drawn in millimetres at roughly 0.55x adult size, so the whole torso section from the
-lung bases to the bladder fits a 160 x 160 x 128 grid at 1.5 mm. Organs are painted as superquadric
+The anatomy is drawn in millimetres at roughly 0.55x adult size, so a torso section from the lung bases
+to the bladder fits a 160 x 160 x 128 grid at 1.5 mm (a 240 mm frame). Organs are painted as superquadric
 ellipsoids and tubes inside their own bounding boxes (cheap), wobbled by a smooth shape-noise field;
 intensities come from the class table `data_manifests/phantom_classes.yaml` plus smooth texture and
 white noise. Later organs overwrite earlier ones, which is how the adjacencies are resolved.
@@ -39,6 +44,7 @@ CLASS_TABLE = Path(__file__).resolve().parents[2] / "data_manifests" / "phantom_
 # Unlabelled tissues get internal ids above the label ids; `_LABEL_OF` maps them back to a label.
 _TISSUES = ("air", "skin", "fat", "muscle", "bowel", "bowel_gas", "csf", "disc", "cortical_bone", "stomach_gas")
 _FIRST_TISSUE = 32
+_SIZE = (0.8, 1.2)  # per-organ linear size factor (ours): volumes 0.5-1.7x, organ volume CVs of ~30 %
 
 
 @functools.lru_cache(maxsize=1)
@@ -95,8 +101,8 @@ class _Canvas:
     """Voxel grid, the patient's pose, and painting of shapes given in anatomical millimetres.
 
     Anatomical frame: origin at the body centre, X towards the patient's LEFT (as a radiologist's screen
-    shows it), Y anterior, Z superior; world RAS = R @ diag(-1, 1, 1) @ anat + t (a small rotation and an
-    in-plane shift). Shapes are evaluated only inside their bounding boxes.
+    shows it), Y anterior, Z superior; world RAS = R @ diag(-1, 1, 1) @ anat + t (a small rotation and the
+    body's in-plane offset in the frame). Shapes are evaluated only inside their bounding boxes.
     """
 
     def __init__(self, shape, spacing, rot: np.ndarray, shift: np.ndarray, z_centre: float, shape_noise):
@@ -201,6 +207,31 @@ def _smooth_noise(rng: np.random.Generator, shape, cell_mm: float, spacing) -> n
     return up / np.float32(0.6)  # trilinear averaging shrinks the std to ~0.6 on average
 
 
+
+def _scan_range(U, z_dia_r: float, z_kidney: float, n_z: int, sp_z: float) -> tuple[tuple[float, float], float]:
+    """The scanned z range (world mm) and the grid's z centre: a random crop of the torso, as CT scan ranges vary.
+
+    The top lies between just above the liver dome (an abdominal scan) and the mid-chest, the bottom between
+    below the kidneys and below the bladder, so liver, spleen, stomach, pancreas and kidneys are always
+    scanned whole while lungs, heart and bladder are cut or left out. A range longer than the grid is
+    trimmed on a random side; the grid then sits at a random height around the range.
+    """
+    length = (n_z - 1) * sp_z
+    top, bot = U(z_dia_r + 15, z_dia_r + 120), U(-112, z_kidney - 40)
+    excess, u = max(0.0, top - bot - length), U(0, 1)
+    top, bot = top - u * excess, bot + (1 - u) * excess
+    z0 = U(top - length, max(bot, top - length))  # world z of the grid's first slice
+    return (bot, top), z0 + length / 2
+
+
+def _frame_offset(U, shape, sp: np.ndarray, Ac: float, Bc: float) -> np.ndarray:
+    """In-plane offset of the body in the frame: up to 25 mm, so a wide patient's fat is cut at the frame's edge,
+    but the body cavity (and so every organ) stays inside the frame."""
+    half = np.asarray(shape[:2], np.float64) * sp[:2] / 2
+    room = np.clip(half - np.array([Ac, Bc]) - 8, 0, 25)
+    return np.array([U(-1, 1) * room[0], U(-1, 1) * room[1], 0.0])
+
+
 def make_phantom_subject(
     seed: int,
     shape: tuple[int, int, int] = (160, 160, 128),
@@ -218,16 +249,23 @@ def make_phantom_subject(
         raise ValueError(f"phantom needs a 3-D shape and positive spacing, got shape={shape}, spacing={spacing}")
     U = rng.uniform
 
-    # Pose and field of view.
-    angles = (U(-5, 5), U(-3, 3), U(-3, 3))  # yaw about z, then tilts about x and y (degrees)
+    # Pose, body and the levels the field of view is placed by. The cavity (inside the muscle wall) is drawn
+    # first and subcutaneous fat wraps it, so an obese patient has the same organs in a wider body.
+    angles = (U(-6, 6), U(-3, 3), U(-3, 3))  # yaw about z, then tilts about x and y (degrees)
     R = _rot("z", angles[0]) @ _rot("x", angles[1]) @ _rot("y", angles[2])
-    shift = np.array([U(-6, 6), U(-6, 6), 0.0])
-    z_centre = U(-20, 20)  # where the FOV centre sits along the body: moves its start/end in z
+    Ac, Bc = U(74, 92), U(52, 66)  # cavity semi-axes (mm), lateral and antero-posterior
+    skin, fat, wall = 2.0, U(4, 24), U(5, 10)
+    e0 = (Ac + Bc) / (Ac + Bc + 2 * (skin + fat + wall))  # the cavity edge in normalised body radius
+    A, B = Ac / e0, Bc / e0  # body semi-axes
+    z_dia_r = U(22, 48)  # diaphragm heights (right higher, under the liver); the viscera move with them
+    z_dia_l = z_dia_r - U(4, 10)
+    kz = {-1: z_dia_r - U(46, 58)}  # kidney centres, the right one lower
+    kz[1] = kz[-1] + U(4, 16)
+    fov, z_centre = _scan_range(U, z_dia_r, min(kz.values()), shape[2], sp[2])
+    shift = _frame_offset(U, shape, sp, Ac, Bc)
     cv = _Canvas(shape, sp, R, shift, z_centre, _smooth_noise(rng, shape, 30.0, sp))
 
     # Body: an elliptic cylinder, skin / subcutaneous fat / muscle wall / cavity by normalised radius.
-    A, B = U(95, 112), U(70, 84)  # lateral and antero-posterior semi-axes (mm)
-    skin, fat, wall = 2.0, U(5, 16), U(6, 10)
     X, Y, Z = cv.coords(tuple(slice(0, n) for n in cv.shape))
     rho = np.sqrt((X / np.float32(A)) ** 2 + (Y / np.float32(B)) ** 2)
     rm = (A + B) / 2
@@ -235,19 +273,16 @@ def make_phantom_subject(
     layer = np.array([_tid("fat"), _tid("muscle"), _tid("fat"), _tid("skin"), _tid("air")], np.uint8)
     cv.tissue = layer[np.searchsorted(edges, rho)]
     cv.inner = rho < edges[0]
-    Ac, Bc = A * edges[0], B * edges[0]  # cavity semi-axes
 
-    # Diaphragm heights (right higher, under the liver) and the bowel filling the lower abdomen.
-    z_dia_r = U(30, 42)
-    z_dia_l = z_dia_r - U(4, 10)
+    # The bowel fills the lower abdomen.
     bowel = _smooth_noise(rng, shape, 9.0, sp)
     belly = cv.inner & (Z < z_dia_l - 15)
     cv.tissue[belly & (bowel > 0.1)] = _tid("bowel")
     cv.tissue[belly & (bowel > 1.6)] = _tid("bowel_gas")
 
     # Posterior muscles (paraspinal, psoas) belong to the wall, not the cavity.
-    yv = -0.38 * B  # vertebral body centre
-    para = ((np.abs(X) - 24) / np.float32(20)) ** 2 + ((Y + np.float32(0.72 * B)) / np.float32(16)) ** 2 < 1
+    yv = -0.49 * Bc  # vertebral body centre, placed by the cavity so that fat does not move the spine
+    para = ((np.abs(X) - 24) / np.float32(20)) ** 2 + ((Y + np.float32(0.93 * Bc)) / np.float32(16)) ** 2 < 1
     cv.tissue[para & (rho < edges[1])] = _tid("muscle")
     cv.inner &= ~para
     for sx in (-1, 1):
@@ -259,48 +294,55 @@ def make_phantom_subject(
         cv.ellipsoid(name, (sx * 0.5 * Ac, -0.05 * Bc, zd + 60), (0.52 * Ac, 1.0 * Bc, 72), wobble=0.05,
                      clip=lambda x, y, z, zd=zd: z > zd - 10 * np.clip(-y / np.float32(Bc), 0, 1))
     zh = (z_dia_r + z_dia_l) / 2
-    cv.ellipsoid("heart", (0.12 * Ac, 0.3 * Bc, zh + U(28, 34)), (0.4 * Ac * U(0.9, 1.1), 0.42 * Bc, 30),
+    g = U(*_SIZE)
+    cv.ellipsoid("heart", (0.12 * Ac + U(-8, 8), 0.3 * Bc + U(-5, 5), zh + U(28, 34)), (0.4 * Ac * g, 0.42 * Bc * g, 30 * g),
                  rot=_rot("z", U(20, 40)), clip=lambda x, y, z: z > zh - 2)
 
-    # Upper abdomen.
-    lz = U(34, 42)
-    liver_c = (-0.42 * Ac + U(-4, 4), U(-4, 4), z_dia_r - 0.85 * lz)
-    cv.ellipsoid("liver", liver_c, (0.52 * Ac * U(0.9, 1.1), 0.85 * Bc, lz), power=2.2)
-    cv.ellipsoid("liver", (0.08 * Ac, 0.42 * Bc, liver_c[2] + 10), (0.38 * Ac * U(0.8, 1.2), 0.4 * Bc, 0.5 * lz),
-                 rot=_rot("y", U(-15, 5)))
-    cv.ellipsoid("gallbladder", (-0.28 * Ac, 0.55 * Bc, liver_c[2] - 0.55 * lz), (9 * U(0.8, 1.2), 9, 17 * U(0.8, 1.2)),
+    # Upper abdomen: each organ has its own size factor g and position jitter (up to 8-12 mm, ~1.5-2 cm in an adult).
+    g, lz = U(*_SIZE), U(34, 42)
+    lz *= g
+    liver_c = (-0.42 * Ac + U(-12, 12), U(-8, 8), z_dia_r - 0.85 * lz)
+    cv.ellipsoid("liver", liver_c, (0.52 * Ac * g * U(0.9, 1.1), 0.85 * Bc * g, lz), power=2.2)
+    cv.ellipsoid("liver", (0.08 * Ac + liver_c[0] + 0.42 * Ac, 0.42 * Bc, liver_c[2] + 10),
+                 (0.38 * Ac * g * U(0.8, 1.2), 0.4 * Bc * g, 0.5 * lz), rot=_rot("y", U(-15, 5)))
+    g = U(*_SIZE)
+    cv.ellipsoid("gallbladder", (-0.28 * Ac + U(-6, 6), 0.55 * Bc, liver_c[2] - 0.55 * lz), (9 * g, 9 * g, 17 * g),
                  rot=_rot("x", U(20, 40)))
-    cv.ellipsoid("spleen", (0.7 * Ac, -0.32 * Bc, z_dia_l - U(18, 26)), (12 * U(0.85, 1.15), 27 * U(0.85, 1.15), 24 * U(0.85, 1.15)),
+    g = U(*_SIZE)
+    spleen_c = (0.7 * Ac + U(-10, 6), -0.32 * Bc + U(-10, 10), z_dia_l - U(14, 30))
+    cv.ellipsoid("spleen", spleen_c, (12 * g * U(0.9, 1.1), 27 * g * U(0.9, 1.1), 24 * g * U(0.9, 1.1)),
                  rot=_rot("z", U(-45, -25)), power=2.3)
     cv.tube("esophagus", [(-4, yv + 22, 200), (-2, yv + 22, z_dia_l + 5), (0.3 * Ac, 0.1 * Bc, z_dia_l - 10)], 6)
-    fz = z_dia_l - 14
-    cv.ellipsoid("stomach", (0.36 * Ac, 0.1 * Bc, fz), (20 * U(0.85, 1.15), 22 * U(0.85, 1.15), 19))
-    cv.ellipsoid("stomach", (0.12 * Ac, 0.45 * Bc, fz - 24), (32 * U(0.85, 1.15), 15, 15), rot=_rot("z", U(-30, -10)))
-    st = cv.box((0.2 * Ac, 0.3 * Bc, fz - 10), 60)
+    g, fz = U(*_SIZE), z_dia_l - 14 + U(-6, 6)
+    sto_x, sto_y = 0.36 * Ac + U(-12, 12), U(-8, 8)
+    cv.ellipsoid("stomach", (sto_x, 0.1 * Bc + sto_y, fz), (20 * g * U(0.9, 1.1), 22 * g * U(0.9, 1.1), 19 * g))
+    cv.ellipsoid("stomach", (sto_x - 0.24 * Ac, 0.45 * Bc + sto_y, fz - 24), (32 * g, 15 * g, 15 * g), rot=_rot("z", U(-30, -10)))
+    st = cv.box((sto_x - 0.16 * Ac, 0.3 * Bc, fz - 10), 70)
     if st is not None:  # gas rises to the anterior (upper, supine) part of the lumen
         sl, (_, y, _) = st
         cv.tissue[sl][(cv.tissue[sl] == ids["stomach"]) & (y > np.float32(0.5 * Bc))] = _tid("stomach_gas")
 
     # Retroperitoneum: kidneys (right lower than left), adrenals on top, pancreas and veins, great vessels.
-    kz = {-1: U(-22, -10), 1: U(-12, 0)}
     for name, adrenal, sx in (("kidney_right", "adrenal_gland_right", -1), ("kidney_left", "adrenal_gland_left", 1)):
-        krz = U(22, 28)
-        c = (sx * 0.54 * Ac + U(-3, 3), -0.5 * Bc, kz[sx])
-        cv.ellipsoid(name, c, (14 * U(0.9, 1.1), 12 * U(0.9, 1.1), krz),
+        g = U(*_SIZE)
+        krz = U(22, 28) * g
+        c = (sx * (0.54 * Ac + U(-8, 8)), -0.5 * Bc + U(-6, 6), kz[sx])
+        cv.ellipsoid(name, c, (14 * g * U(0.9, 1.1), 12 * g * U(0.9, 1.1), krz),
                      rot=_rot("z", -sx * U(20, 40)) @ _rot("y", sx * U(5, 15)), power=2.2)
         cv.ellipsoid(adrenal, (sx * 0.36 * Ac, -0.38 * Bc, kz[sx] + krz + 4), (4, 9, 10), rot=_rot("z", sx * 30))
     yp = yv + 38
-    head = (-0.22 * Ac, yp, kz[-1] + U(4, 10))
+    head = (-0.22 * Ac + U(-5, 5), yp, kz[-1] + U(4, 10))
     tail = (0.56 * Ac, -0.12 * Bc, z_dia_l - U(26, 32))
     cv.tube("pancreas", [head, (0.0, yp + 3, head[2] + 6), tail], U(6, 8))
     cv.ellipsoid("pancreas", head, (11, 9, 13))
     conf = (-0.04 * Ac, yp - 8, head[2] + 4)
     cv.tube("portal_and_splenic_vein", [(tail[0] - 4, tail[1] - 7, tail[2]), conf, (-0.25 * Ac, 0.08 * Bc, liver_c[2] + 8)], 3.8)
-    z_bif = U(-62, -50)
+    z_bif = kz[-1] - U(34, 46)
     cv.tube("inferior_vena_cava", [(-0.2 * Ac, yv + 20, -200), (-0.2 * Ac, yv + 20, z_bif), (-0.18 * Ac, yv + 24, zh + 12)], U(7, 9))
     cv.tube("aorta", [(5, yv + 22, z_bif), (5, yv + 22, 200)], U(7, 9), wobble=0.02)
 
-    cv.ellipsoid("urinary_bladder", (0, 0.35 * Bc, U(-84, -72)), (24 * U(0.8, 1.2), 20 * U(0.8, 1.2), 18 * U(0.8, 1.2)), power=2.6)
+    g = U(*_SIZE)
+    cv.ellipsoid("urinary_bladder", (U(-10, 10), 0.35 * Bc + U(-6, 6), U(-90, -72)), (24 * g * U(0.9, 1.1), 20 * g, 18 * g), power=2.6)
 
     # Spine: vertebral bodies (cancellous core, cortical rim) and discs, canal, arch and spinous process.
     sl = cv.slab((-35, yv - 45), (35, yv + 20))
@@ -333,6 +375,11 @@ def make_phantom_subject(
         rib = band & (ph < 7) & (z > np.float32(z_rib) - 0.25 * (y + np.float32(B))) & (
             (y < np.float32(0.35 * B)) | (np.abs(x) > np.float32(0.3 * A)) & (z > np.float32(z_dia_l - 15)))
         cv.tissue[sl][rib] = ids["ribs"]
+
+    # Slices outside the scanned range are air: a shorter scan on the fixed grid (the foreground crop drops them).
+    zs = cv.origin[2] + np.arange(cv.shape[2]) * sp[2]
+    scanned = (zs >= fov[0]) & (zs <= fov[1])
+    cv.tissue[:, :, ~scanned] = _tid("air")
 
     # Optional lesion inside one organ. Every draw happens either way, so forcing the lesion on or off
     # changes nothing else about the patient.
@@ -381,7 +428,7 @@ def make_phantom_subject(
     if lesion_info is not None:
         lesion_info["volume_ml"] = round(float(counts[ids["lesion"]]) * ml, 3)
         lesion_info["hu"] = round(float(mean[ids["lesion"]]), 1)
-    ext = cv.origin[2] + np.array([0, shape[2] - 1]) * sp[2]
+    ext = zs[scanned][[0, -1]] if scanned.any() else zs[[0, 0]]
     attributes = {
         "seed": int(seed),
         "shape": list(cv.shape),
@@ -389,6 +436,7 @@ def make_phantom_subject(
         "body": {"width_mm": round(2 * A, 1), "depth_mm": round(2 * B, 1), "fat_mm": round(fat, 1),
                  "muscle_wall_mm": round(wall, 1)},
         "rotation_deg": [round(a, 2) for a in angles],
+        "frame_offset_mm": [round(float(v), 2) for v in shift[:2]],
         "fov_z_mm": [round(float(ext[0]), 2), round(float(ext[1]), 2)],
         "noise_sigma_hu": round(sigma, 2),
         "organ_volumes_ml": {names[i]: round(float(counts[i]) * ml, 3) for i in range(1, len(ids)) if names[i] != "lesion"},
