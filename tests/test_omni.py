@@ -36,7 +36,7 @@ def _checkpoint(tmp_path: Path, k: int = K, seed: int = 0, name: str = "omni_mod
 
 def _sample(name: str = "vol-a") -> dict:
     g = torch.Generator().manual_seed(1)
-    return {"name": name, "source": f"/data/{name}.nii.gz", "image": torch.rand(1, 64, 64, 32, generator=g),
+    return {"name": name, "source": f"/data/{name}.nii.gz", "image": torch.rand(1, 32, 32, 32, generator=g),
             "label": None, "spacing": (3.0, 3.0, 2.0)}
 
 
@@ -95,7 +95,7 @@ def test_pseudo_labels_written_with_provenance_and_read_back(tmp_path):
     model.load_state_dict(torch.load(ck, weights_only=True)["model"])
     expected = predict(model.backbone, s["image"], (32, 32, 32), cfg)
     back = read_pseudo_labels(tmp_path / "pl", [s], ck)[0]["label"]
-    assert back.shape == (1, 64, 64, 32) and torch.equal(back[0], expected)
+    assert back.shape == (1, 32, 32, 32) and torch.equal(back[0], expected)
     other = _checkpoint(tmp_path, seed=1, name="other.pt")
     with pytest.raises(ValueError, match="another stage-1 model"):
         read_pseudo_labels(tmp_path / "pl", [s], other)

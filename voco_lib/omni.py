@@ -356,7 +356,7 @@ def _run_stage(name: str, cfg: Profile, oc: OmniConfig, data: OmniData, out: Pat
                         global_batch=cfg.batch_size * t.accum, desc=f"omni {name}")
 
         def evaluate(step: int) -> dict[str, Any]:
-            metrics = {f"voco_{k}": v for k, v in position_eval(model, eval_views, cfg.batch_size).items()}
+            metrics = {f"voco_{m}": v for m, v in position_eval(model, eval_views, cfg.batch_size).items()}
             if data.val:
                 metrics["dice"] = mean_dice(model.backbone, data.val, seg_roi(cfg), cfg, k)[0]
             return metrics
