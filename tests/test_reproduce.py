@@ -36,18 +36,20 @@ def _table(tmp_path: Path, **changes) -> Path:
     return f
 
 
-def test_phantom_table_expands_to_every_row_budget_protocol_and_seed():
+def test_phantom_tables_expand_to_every_row_budget_protocol_and_seed():
     t = load_table("phantom")
     cells = expand(t, "cpu")
-    # scratch and voco: 3 budgets x 2 protocols x 3 seeds; the three baselines: 2 budgets x 2 x 3
-    assert len(cells) == 2 * 18 + 3 * 12
-    assert len(expand(t, "smoke")) == len(cells) // 3  # smoke: one seed (CI)
+    assert len(cells) == 2 * 3 * 2 * 3  # scratch and voco x budgets 1/2/4 x full/frozen x seeds 0/1/2
     assert len(set(cells)) == len(cells)
-    assert {c.n_labeled for c in cells if c.row == "mae"} == {1, 4}
+    assert len(expand(t, "smoke")) == len(cells) // 3  # smoke: one seed (CI)
     assert {c.column for c in cells if c.row == "voco"} == {"n=1", "n=2", "n=4"}
+    assert {c.init for c in cells} == {"scratch", "pretrain:voco"}
     frozen = [c for c in cells if c.protocol == "frozen"]
+    assert len(frozen) == 18
     assert all("finetune.protocol=frozen" in c.overrides and "finetune.steps=300" in c.overrides for c in frozen)
-    assert len(expand(t, "smoke", seeds=[5])) == len(cells) // 3
+    assert len(expand(t, "cpu", seeds=[5])) == len(cells) // 3
+    methods = expand(load_table("phantom-methods"), "cpu")
+    assert len(methods) == 5 * 2 * 2 * 3 and {c.n_labeled for c in methods} == {1, 4}
 
 
 def test_cell_key_follows_the_resolved_config():

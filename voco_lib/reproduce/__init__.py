@@ -54,7 +54,7 @@ class Planned:
     needs: str = ""
 
 
-def plan(table: Table, profile: str, out: Path, seeds: Sequence[int] | None = None,
+def plan(table: Table, profile: str, store: Path, seeds: Sequence[int] | None = None,
          data_root: str | Path | None = None, pretrain_dirs: dict[str, tuple[Path, str]] | None = None) -> list[Planned]:
     """Every cell's state. Cells of a pre-training row that has not run yet get the key of the planned run."""
     from voco_lib.tasks.registry import load_task
@@ -78,12 +78,12 @@ def plan(table: Table, profile: str, out: Path, seeds: Sequence[int] | None = No
             except ValueError as e:  # e.g. a method this checkout does not have
                 planned.append(Planned(cell, "not_run", reason=f"not run: pre-training {row.name}: {e}"))
                 continue
-            run = (pretrain_dirs or {}).get(row.name, (out / "pretrain" / f"{row.name}-{pkey}", pkey))[0]
+            run = (pretrain_dirs or {}).get(row.name, (store / "pretrain" / f"{row.name}-{pkey}", pkey))[0]
             init, needs = str(run), f"notebook {cell.notebook}, pre-training run {run.name}"
         if datalist:
             needs += f", datalist {datalist}"
         key = cell_key(cell, profile, pkey, datalist)
-        state = "done" if done(cell_dir(out, cell, key), key) else "todo"
+        state = "done" if done(cell_dir(store, cell, key), key) else "todo"
         planned.append(Planned(cell, state, key, init=init, datalist=datalist, needs=needs))
     return planned
 
@@ -91,7 +91,11 @@ def plan(table: Table, profile: str, out: Path, seeds: Sequence[int] | None = No
 def run_table(table: str | Path | Table, profile: str | None = None, seeds: Sequence[int] | None = None,
               workers: int = 1, out: str | Path | None = None, data_root: str | Path | None = None,
               dry_run: bool = False, log: Callable[[str], None] = print) -> Report | list[Planned]:
-    """Run (or with `dry_run`, list) the table's grid into `out` and render it; returns the Report."""
+    """Run (or with `dry_run`, list) the table's grid and render it into `out`; returns the Report.
+
+    Cells and pre-training runs are kept in `out` when it is given; by default (`out=None`) in the shared
+    store `runs/reproduce/` (tables written to `runs/reproduce/TABLE/PROFILE/`), so a cell two tables share,
+    with the same key, runs once."""
     from voco_lib.config import profile_name
     from voco_lib.runs import lock_dir
 
@@ -99,9 +103,10 @@ def run_table(table: str | Path | Table, profile: str | None = None, seeds: Sequ
     profile = profile_name(profile)
     if workers < 1:
         raise ValueError(f"--workers must be ≥ 1, got {workers}; e.g. --workers 2")
-    out = Path(out or Path("runs") / "reproduce" / t.name / profile).resolve()
+    store = Path(out or Path("runs") / "reproduce").resolve()
+    out = Path(out or store / t.name / profile).resolve()
     if dry_run:
-        cells = plan(t, profile, out, seeds, data_root)
+        cells = plan(t, profile, store, seeds, data_root)
         for p in cells:
             log(f"{p.state:8s} {p.cell.slug:40s} {p.reason or p.needs}")
         return cells
@@ -109,7 +114,7 @@ def run_table(table: str | Path | Table, profile: str | None = None, seeds: Sequ
     _claim(out, t, profile)
     terminate_on_sigterm()
     with lock_dir(out):
-        return _run_locked(t, profile, seeds, workers, out, data_root, log)
+        return _run_locked(t, profile, seeds, workers, out, store, data_root, log)
 
 
 def _claim(out: Path, table: Table, profile: str) -> None:
@@ -120,48 +125,48 @@ def _claim(out: Path, table: Table, profile: str) -> None:
         if {k: theirs.get(k) for k in mine} != mine:
             raise ValueError(f"{out} holds the grid of table {theirs.get('table')} / profile {theirs.get('profile')}; "
                              f"choose another --out for {table.name} / {profile}")
-    elif any(p.name not in (".lock",) for p in out.iterdir()):
+    elif any(p.name not in (".lock", "cells", "pretrain") for p in out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no grid; choose another --out")
     else:
         write_text(f, json.dumps(mine))
 
 
-def _run_locked(t: Table, profile: str, seeds: Sequence[int] | None, workers: int, out: Path,
+def _run_locked(t: Table, profile: str, seeds: Sequence[int] | None, workers: int, out: Path, store: Path,
                 data_root: str | Path | None, log: Callable[[str], None]) -> Report:
     t0 = time.time()
-    first = plan(t, profile, out, seeds, data_root)
+    first = plan(t, profile, store, seeds, data_root)
     needed = {p.cell.row for p in first if p.state == "todo" and p.cell.init.startswith("pretrain:")}
     pretrain_dirs, failed_rows = {}, {}
     for row in (r for r in t.rows if r.name in needed):
         try:
-            pretrain_dirs[row.name] = ensure_pretrain(row, t, profile, out, log)
+            pretrain_dirs[row.name] = ensure_pretrain(row, t, profile, store, log)
         except RuntimeError as e:
             failed_rows[row.name] = str(e)
-    cells = plan(t, profile, out, seeds, data_root, pretrain_dirs)
+    cells = plan(t, profile, store, seeds, data_root, pretrain_dirs)
     todo = [p for p in cells if p.state == "todo" and p.cell.row not in failed_rows]
     log(f"voco reproduce {t.name} ({profile}): {len(cells)} cells, {sum(p.state == 'done' for p in cells)} done, "
         f"{len(todo)} to run, {sum(p.state == 'not_run' for p in cells)} not run; {workers} worker(s) -> {out}")
-    ran = {p.cell: o for p, o in zip(todo, run_pool([_job(p, profile, out, log) for p in todo], workers))}
-    outcomes = [_outcome(p, ran, out, failed_rows) for p in cells]
+    ran = {p.cell: o for p, o in zip(todo, run_pool([_job(p, profile, store, log) for p in todo], workers))}
+    outcomes = [_outcome(p, ran, store, failed_rows) for p in cells]
     reused = sum(p.state == "done" for p in cells)
     return _render(t, profile, out, outcomes, seeds, (len(todo), reused), time.time() - t0, pretrain_dirs)
 
 
-def _job(p: Planned, profile: str, out: Path, log: Callable[[str], None]) -> Callable[[dict[str, str]], Outcome]:
+def _job(p: Planned, profile: str, store: Path, log: Callable[[str], None]) -> Callable[[dict[str, str]], Outcome]:
     def job(env: dict[str, str]) -> Outcome:
         log(f"  running {p.cell.slug} ...")
-        o = execute_cell(p.cell, p.key, cell_dir(out, p.cell, p.key), profile, p.init, p.datalist, env)
+        o = execute_cell(p.cell, p.key, cell_dir(store, p.cell, p.key), profile, p.init, p.datalist, env)
         log(f"  {p.cell.slug}: " + (f"{o.result['metric']} {o.result['value']:.4f} ({o.result['wall_s']:.0f} s)"
                                       if o.status == "ok" else o.reason))
         return o
     return job
 
 
-def _outcome(p: Planned, ran: dict[Cell, Outcome], out: Path, failed_rows: dict[str, str]) -> Outcome:
+def _outcome(p: Planned, ran: dict[Cell, Outcome], store: Path, failed_rows: dict[str, str]) -> Outcome:
     if p.cell in ran:
         return ran[p.cell]
     if p.state == "done":
-        path = cell_dir(out, p.cell, p.key)
+        path = cell_dir(store, p.cell, p.key)
         return Outcome(p.cell, "ok", result=done(path, p.key), key=p.key, path=path)
     if p.cell.row in failed_rows:
         return Outcome(p.cell, "failed", f"failed: {failed_rows[p.cell.row]}", key=p.key)
