@@ -76,9 +76,9 @@ def test_state_dict_names_equal_monai_both_ways():
     ref_shapes = {k: v.shape for k, v in ref.state_dict().items()}
     enc = {k: v.shape for k, v in ours.state_dict().items()}
     assert enc == {k: s for k, s in ref_shapes.items() if not k.startswith(("decoder", "out."))}
-    assert len(enc) == 145  # released SSL files hold 145 tensors (LSM #40, spec §8.2)
+    assert len(enc) == 145  # released SSL files hold 145 tensors (Luffy03/Large-Scale-Medical issue #40)
     assert {k: v.shape for k, v in full.state_dict().items()} == ref_shapes
-    # parameter counts of spec §2.5: encoder 53.2M, full SwinUNETR(21) 72.8M
+    # analytical parameter counts of MONAI SwinUNETR-v2: encoder 53.2M, full SwinUNETR(21) 72.8M
     assert round(sum(p.numel() for p in ours.parameters()) / 1e6, 1) == 53.2
     assert round(sum(p.numel() for p in full.parameters()) / 1e6, 1) == 72.8
     # ours -> MONAI, strict on the encoder part

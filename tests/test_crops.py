@@ -39,7 +39,7 @@ def test_crop_touching_edges_counts_no_touching_neighbour():
 
 
 def test_spec_worked_example():
-    # method spec §1.1: centre (80, 100) -> x [48, 112), y [68, 132)
+    # Luffy03/Large-Scale-Medical Self-supervised/utils/voco_trans.py:L80-145: centre (80, 100) -> x [48, 112), y [68, 132)
     labels = overlap_labels(box((48, 64), (68, 64), (0, 64)), TPAMI_BASES)[0]
     expected = torch.zeros(9)
     expected[1], expected[2], expected[4], expected[5] = 16 * 60 / 4096, 16 * 4 / 4096, 48 * 60 / 4096, 48 * 4 / 4096

@@ -1,7 +1,8 @@
 """Safe loading of VoCo / MONAI SwinUNETR checkpoints, with a coverage report; export; `voco weights`.
 
 Upstream's loaders keep a random weight for every key whose name or shape does not match and say nothing
-(method spec §8.4). Here every load reports what was loaded, missing, unexpected and shape-mismatched, and
+(Luffy03/Large-Scale-Medical VoComni/models/models.py:L152-191 and the
+README's `load()`, commit 1ad538b). Here every load reports what was loaded, missing, unexpected and shape-mismatched, and
 `load_encoder` fails, naming the missing keys, when less than the checkpoint kind promises was loaded.
 Files are read with `torch.load(weights_only=True)` or as safetensors (no pickle at all); a pickle that would
 run code is refused. Weights with NaN/inf or an integer dtype where a float belongs are refused by name (a NaN
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-CONTAINER_KEYS = ("state_dict", "model", "network_weights", "net", "student")  # spec §8.4-8.5
+CONTAINER_KEYS = ("state_dict", "model", "network_weights", "net", "student")  # as Luffy03/Large-Scale-Medical VoComni/models/models.py:L152-191, plus `model`
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, the authors' SSL wrapper
 HEAD_PREFIXES = ("student.", "teacher.", "proj_head.", "heads.")  # SSL projection heads: not part of a SwinUNETR
 ENCODER_PREFIXES = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
@@ -120,7 +121,7 @@ def normalize_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 
     Unwraps containers (`state_dict`, `model`, `network_weights`, `net`, `student`), strips the prefixes
     `module.`, `_orig_mod.`, `backbone.` from every key, renames `swin_vit` to `swinViT`, and drops SSL
-    projection-head keys (spec §8.5).
+    projection-head keys (`student.*`, `teacher.*`, `proj_head.*`).
     """
     while isinstance(obj, Mapping) and not _is_state_dict(obj):
         inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)

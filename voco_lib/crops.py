@@ -2,7 +2,7 @@
 
 Pure tensor code. Boxes are per-axis half-open voxel intervals [start, stop), as tensors of shape
 (..., ndim, 2). A random crop's label vector says which fraction of its volume lies in each base crop;
-VoCo trains the network to predict it from embeddings alone (method spec §1.1).
+VoCo trains the network to predict it from embeddings alone (Luffy03/Large-Scale-Medical Self-supervised/utils/voco_trans.py:L80-145, commit 1ad538b).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from voco_lib.config import ViewConfig, view_preset
 def grid_boxes(region: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
     """Base crops tiling `region` with a `grid` of equal cells, flattened i-major (k = i·ny·nz + j·nz + l).
 
-    With grid (3, 3, 1) this is the authors' k = 3·i + j (spec §1.1). Returns (K, ndim, 2) int64.
+    With grid (3, 3, 1) this is the authors' k = 3·i + j (voco_trans.py:L80-145). Returns (K, ndim, 2) int64.
     """
     return _grid_boxes(tuple(region), tuple(grid)).clone()
 
@@ -79,7 +79,7 @@ def extract(region: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Augmentation:
-    """Per-crop draws of the authors' chain (spec §1.2): RandFlip p=0.2 on each axis, then RandRotate90
+    """Per-crop draws of the authors' chain (Luffy03/Large-Scale-Medical Self-supervised/utils/voco_trans.py:L55-64, L89-100, commit 1ad538b): RandFlip p=0.2 on each axis, then RandRotate90
     p=0.2 with k ∈ {1,2,3} in the axial plane, then RandShiftIntensity ±0.1 with p=0.5."""
 
     flips: torch.Tensor  # (N, 3) bool

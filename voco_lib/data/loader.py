@@ -4,9 +4,9 @@ Why it looks like this:
 - Every sample's randomness (region position, crop centres, augmentations) comes from its own
   `torch.Generator`, seeded from (seed, epoch, index). The views of a sample therefore do not depend on the
   number of workers, on which process loads it, or on a restart (upstream drew from the unseeded global
-  `np.random`, spec §10.1 item 13).
+  `np.random`, Luffy03/Large-Scale-Medical Self-supervised/voco_train.py sets no seed).
 - The order is infinite and a pure function of the step: per epoch a `DistributedSampler` permutation
-  (`set_epoch` is called for every epoch; upstream never called it, spec §10.1 item 9); a micro-batch that
+  (`set_epoch` is called for every epoch; Luffy03/Large-Scale-Medical Self-supervised/voco_train.py never calls it); a micro-batch that
   runs past the end of an epoch continues into the next one. Its state is one integer, checkpointed.
 - Gradient accumulation and data parallelism are the same thing to the order: micro-batch `a` of rank `r`
   reads "virtual replica" v = a·world + r of a `DistributedSampler` with world·accum replicas. One process

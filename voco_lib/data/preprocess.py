@@ -1,12 +1,12 @@
 """Per-anatomy preprocessing (MONAI dictionary transforms) and the pretraining region sampler.
 
 Two explicit stages, where upstream hid the boundary behind a dummy `RandShiftIntensityd(prob=0)`
-(method spec §1.3): a deterministic chain (load and check -> RAS -> spacing -> intensity -> foreground
+(Luffy03/Large-Scale-Medical Self-supervised/utils/data_trans.py:L81, commit 1ad538b): a deterministic chain (load and check -> RAS -> spacing -> intensity -> foreground
 crop -> pad), whose output `voco_lib.data.cache` stores on disk, and `sample_region`, the random part
 that runs every time (random crop of a padded volume, or resize of the whole volume).
 
-Chains, from `Luffy03/Large-Scale-Medical: Self-supervised/utils/data_trans.py` (spec §1.3) and
-`Luffy03/VoCo: utils/data_utils.py` (spec §1.7):
+Chains, from `Luffy03/Large-Scale-Medical: Self-supervised/utils/data_trans.py` (commit 1ad538b) and
+`Luffy03/VoCo: utils/data_utils.py:L151-406` (commit ba7b7bd):
 
 | chain              | spacing (mm)       | intensity                    | region from the volume |
 |--------------------|--------------------|------------------------------|------------------------|
@@ -18,7 +18,7 @@ Chains, from `Luffy03/Large-Scale-Medical: Self-supervised/utils/data_trans.py` 
 | cvpr               | kept (no Spacingd) | HU [-175, 250], fg > 0.3     | resize fg box (384²x96)|
 
 For pretraining only the image is loaded: upstream loads, resamples and caches the label and then
-deletes it (spec §1.3), which costs I/O and cache space for nothing.
+deletes it (Luffy03/Large-Scale-Medical Self-supervised/utils/voco_trans.py:L23-24), which costs I/O and cache space for nothing.
 """
 
 from __future__ import annotations

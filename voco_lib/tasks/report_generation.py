@@ -1,7 +1,7 @@
 """Report generation: a small transformer decoder, trained from scratch, conditioned on the 3D encoder.
 
 The paper's CTRG-Chest evaluation runs M2KT on the VoCo Swin encoder, whose pooled 24·fs embedding is the
-visual feature (`d_vf: 1152` at fs=48, spec §2.2; `Luffy03/Large-Scale-Medical:
+visual feature (`d_vf: 1152` at fs=48, the pooled embedding of voco_head.py:L180-205; `Luffy03/Large-Scale-Medical:
 Downstream/monai/M2KT/config/ctrg_swin3d.yml`). Ours keeps that interface and the simplest decoder that can
 use it: the pooled embedding becomes a few memory tokens, a 2-layer transformer decoder reads them
 (teacher forcing and cross-entropy in training, greedy decoding in evaluation), and the scores are BLEU-1..4
