@@ -259,7 +259,7 @@ def test_a_smoke_run_improves_its_pretext_metric(name, tmp_path):
     from voco_lib.pretrain import load_run, read_metrics, run_pretraining
 
     run = run_pretraining("smoke", "phantom", tmp_path / name,
-                          [f"method={name}", "steps=12", "train.eval_every=12", "train.checkpoint_every=12",
+                          [f"method={name}", "steps=8", "train.eval_every=8", "train.checkpoint_every=8",
                            "train.warmup_steps=2", "n_volumes=4", "data.n_eval=2"], show_progress=False)
     method = get_method(name)
     evals = read_metrics(run, "eval")

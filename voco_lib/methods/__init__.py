@@ -33,7 +33,7 @@ class Method:
     build_model: Callable[[Profile], nn.Module]
     step: StepFn
     evaluate: EvalFn
-    metric: str  # the pretext metric that says it learns
+    metric: str  # the continuous pretext metric that says it learns (voco: mean |label − predicted position|)
     higher_is_better: bool
     passes: int = 1
 
@@ -45,9 +45,9 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {
-    "voco": Method("voco", voco.VoCoModel, voco.voco_step, voco.evaluate, "top1", True),
-    "voco-cvpr": Method("voco-cvpr", voco.VoCoModel, voco.voco_step, voco.evaluate, "top1", True),
-    "voco-single": Method("voco-single", voco.VoCoSingleModel, voco.single_step, voco.evaluate, "top1", True),
+    "voco": Method("voco", voco.VoCoModel, voco.voco_step, voco.evaluate, "mae", False),
+    "voco-cvpr": Method("voco-cvpr", voco.VoCoModel, voco.voco_step, voco.evaluate, "mae", False),
+    "voco-single": Method("voco-single", voco.VoCoSingleModel, voco.single_step, voco.evaluate, "mae", False),
     "mae": Method("mae", mae.MaskedModel, mae.step, mae.evaluate, "recon_l1", False),
     "swin-ssl": Method("swin-ssl", swinssl.SwinSSLModel, swinssl.step, swinssl.evaluate, "loss", False,
                        passes=2),
