@@ -1,4 +1,4 @@
-"""`voco` command line: demo | pretrain | finetune | reproduce | nnunet | phantom | datalist | fetch | weights | tasks.
+"""`voco` command line: demo | pretrain | finetune | reproduce | estimate | nnunet | phantom | datalist | fetch | weights | tasks.
 
 Each subcommand parses its arguments here and hands them to one function in the module that owns the
 concept (imported lazily, so `voco --help` stays fast). `main` turns every failure into one line on stderr,
@@ -46,6 +46,7 @@ EXAMPLES = {
     "pretrain": "voco pretrain --profile cpu --data phantom --out runs/pretrain-cpu steps=50",
     "finetune": "voco finetune phantom-seg --init runs/pretrain-cpu --profile cpu --n-labeled 2 --seed 1",
     "reproduce": "voco reproduce phantom --profile cpu --workers 2   (voco reproduce list: the tables)",
+    "estimate": "voco estimate --data phantom --profile cpu   |   voco estimate --data prect.json --profile paper",
     "phantom": "voco phantom --n 8 --out data/phantoms",
     "datalist": "voco datalist scans/ --label-pattern '*_seg.nii.gz' --out scans/datalist.json",
     "fetch": "voco fetch samples",
@@ -132,6 +133,17 @@ def _add_run_commands(sub: Any) -> None:
                                                      "(default: ./data)")
     s.add_argument("--dry-run", action="store_true", help="list the cells, their state and what each needs; run nothing")
     s.set_defaults(func=_handler("voco_lib.reproduce:cli_reproduce"))
+
+    s = sub.add_parser("estimate", help="before a pre-training run: cache disk, loader RAM, memory and time per step, "
+                                        "wall time per GPU count (headers only; a sample of a large datalist)")
+    s.add_argument("--data", default="phantom", help="phantom | an MSD-style datalist JSON")
+    s.add_argument("--profile", default=None, help="smoke | cpu | gpu | paper (not given: $VOCO_PROFILE, else cpu)")
+    s.add_argument("--sample", type=int, default=64, help="volumes whose headers are read for the shapes "
+                                                         "(the rest extrapolated)")
+    s.add_argument("--exact", action="store_true", help="read every volume's header (slower on huge datalists)")
+    s.add_argument("--json", default=None, help="also write the estimate as JSON to this file")
+    s.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. feature_size=96 steps=100000)")
+    s.set_defaults(func=_handler("voco_lib.estimate:cli_estimate"))
 
 
 def _add_data_commands(sub: Any) -> None:
