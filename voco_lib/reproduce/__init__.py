@@ -194,12 +194,13 @@ def _render(t: Table, profile: str, out: Path, outcomes: list[Outcome], seeds: S
 def provenance(t: Table, profile: str, outcomes: Sequence[Outcome], seeds: Sequence[int] | None,
                counts: tuple[int, int],
                wall_s: float, pretrain_dirs: dict[str, tuple[Path, str]]) -> dict[str, Any]:
-    """Commit, device and per-cell identity (resolved-config key, init sha256, wall time) of a rendered table."""
+    """Commit, device and per-cell identity (resolved-config key and file, init sha256, wall time) of a table."""
     import torch
 
     cells = [{"cell": o.cell.slug, "status": o.status, "key": o.key, "reason": o.reason or None,
               **({k: o.result.get(k) for k in ("value", "init", "init_sha256", "split", "wall_s", "device",
-                                               "notebook", "run_dir")} if o.result else {})} for o in outcomes]
+                                               "notebook", "run_dir")} if o.result else {}),
+              **({"config": str(Path(o.result["run_dir"]) / "config.yaml")} if o.result else {})} for o in outcomes]
     return {"table": t.name, "profile": profile, "seeds": list(seeds if seeds is not None else t.seeds(profile)),
             "commit": _commit(), "device": device_name(), "host": platform.node(), "torch": str(torch.__version__),
             "wall_s": round(wall_s, 1), "cells_run": counts[0], "cells_reused": counts[1],
