@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import json
 import warnings
 from pathlib import Path
@@ -134,7 +135,8 @@ def test_view3d_niivue_widget_carries_volume_labels_and_boxes(monkeypatch):
     lab = np.zeros(img.shape, np.uint8)
     lab[5:10, 5:10, 5:10] = 2
     boxes = [[[0, 10], [0, 8], [0, 12]], [[4, 14], [2, 10], [0, 12]]]
-    nv = viz.view3d(img, lab, boxes, spacing=(2.0, 2.0, 3.0), label_names={2: "liver"})
+    shown = viz.view3d(img, lab, boxes, spacing=(2.0, 2.0, 3.0), label_names={2: "liver"})
+    nv = shown.children[0]  # with a label, the viewer comes with its legend
     assert [v.name for v in nv.volumes] == ["image.nii", "label.nii", "boxes.nii"]
     back = nib.Nifti1Image.from_bytes(nv.volumes[0].data)
     np.testing.assert_array_equal(np.asarray(back.dataobj), img)
@@ -259,3 +261,48 @@ def test_shell_volume_is_the_six_faces():
     out = viz.shell_volume((10, 10, 10), [[[2, 6], [2, 6], [2, 6]]], 3)
     assert out.sum() == 3 * (4**3 - 2**3)  # a 4³ box without its 2³ inside
     assert out[4, 4, 4] == 0 and out[2, 4, 4] == 3 and out[0].sum() == 0
+
+
+def _lut_hex(lut, i: int) -> str:
+    """Colour of label id `i` in the widget's colour table (a flat RGBA list from id `lut.min`)."""
+    r, g, b = lut.lut[4 * (i - int(lut.min or 0)):][:3]
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def test_niivue_legend_lists_the_classes_shown_in_the_viewers_colours(monkeypatch):
+    pytest.importorskip("ipyniivue")
+    monkeypatch.setattr(viz, "in_kernel", lambda: True)
+    img = np.zeros((12, 12, 12), np.float32)
+    lab = np.zeros(img.shape, np.uint8)
+    lab[1:4, 1:4, 1:4], lab[6:9, 6:9, 6:9] = 2, 5
+    names = {0: "background", 2: "liver", 5: "kidney & <left>", 7: "heart"}  # heart is not in the label
+    shown = viz.view3d(img, lab, label_names=names)
+    nv, legend = shown.children
+    lut = nv.volumes[1].colormap_label
+    swatches = re.findall(r"background:(#[0-9a-f]{6});[^>]*></span>([^<]*)</span>", legend.value)
+    assert swatches == [(_lut_hex(lut, 2), "liver"), (_lut_hex(lut, 5), "kidney &amp; &lt;left&gt;")]
+    assert _lut_hex(lut, 2) != _lut_hex(lut, 5)
+    assert type(viz.view3d(img)).__name__ == "NiiVue"  # no label, no legend
+
+
+def test_static_legends_use_the_viewers_colours():
+    subject = demo.phantom_subject(0, "smoke")
+    lut = viz._label_lut(int(subject.label.max()), subject.label_names)
+    fig = viz.view3d(subject.region, subject.label, label_names=subject.label_names)  # no kernel: static figure
+    (leg,) = fig.legends
+    by_name = {n: i for i, n in subject.label_names.items()}
+    for handle, text in zip(leg.legend_handles, leg.get_texts()):
+        i = by_name[text.get_text()]
+        rgb = tuple(round(255 * c) for c in handle.get_facecolor()[:3])
+        assert rgb == (lut["R"][i], lut["G"][i], lut["B"][i]), text.get_text()
+
+
+def test_crop_across_subjects_legend_names_the_classes_in_its_slices():
+    lab = np.zeros((16, 16, 8), np.int64)
+    lab[6:10, 6:10, 4] = 3  # on the axial slice z = 4 through the box centre
+    lab[0:2, 0:2, 0:2] = 9  # on neither slice through the centre (8, 8, 4)
+    box = [[[4, 12], [4, 12], [0, 8]]]
+    img = np.random.default_rng(0).random(lab.shape)
+    fig = viz.crop_across_subjects([img, img], box, labels=[lab, lab], label_names={3: "liver", 9: "spleen"})
+    assert [t.get_text() for leg in fig.legends for t in leg.get_texts()] == ["liver"]
+    assert not viz.crop_across_subjects([img], box, labels=[lab]).legends

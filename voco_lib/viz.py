@@ -49,6 +49,12 @@ def _label_colours() -> list[tuple[float, float, float]]:
     return tab20 + list(colormaps["tab20b"].colors)
 
 
+def _rgb255(label_id: int) -> tuple[int, int, int]:
+    """The 0-255 RGB colour of label id >= 1: one source for the figures, the NiiVue colour table and legends."""
+    colours = _label_colours()
+    return tuple(int(255 * c) for c in colours[(label_id - 1) % len(colours)])
+
+
 def _show_labels(ax, lab2d: np.ndarray, extent) -> None:
     from matplotlib.colors import ListedColormap
 
@@ -187,26 +193,52 @@ def plane_views(
         where = f"{'xyz'[cut]} = {point[cut] * sp[cut]:.0f} mm"
         _setup_axes(ax, plane, extent, f"{plane} ({where})")
     if lab is not None and label_names:
-        _label_legend(fig, lab, point, label_names)
+        _label_legend(fig, _ids_in_slices(lab, point, range(3)), label_names)
     if title:
         fig.suptitle(title)
     return fig
 
 
-def _label_legend(fig: Figure, lab: np.ndarray, point: Sequence[int], names: dict[int, str]) -> None:
-    """A legend of the named classes visible in the three slices through `point`, in the overlay's colours."""
+def _ids_in_slices(lab: np.ndarray, point: Sequence[int], cuts: Iterable[int]) -> set[int]:
+    """Label ids in the slices through `point` perpendicular to the axes `cuts`: what the figure shows."""
+    shown: set[int] = set()
+    for cut in cuts:
+        sl = [slice(None)] * 3
+        sl[cut] = int(point[cut])
+        shown |= set(np.unique(lab[tuple(sl)]).tolist())
+    return shown
+
+
+def label_legend(ids: Iterable[int], names: dict[int, str] | None) -> list[tuple[int, str, str]]:
+    """(id, name, "#rrggbb") of the classes `ids` (background 0 left out), in the colours every label overlay
+    uses (the figures' colour list and the NiiVue colour table `_label_lut`); unnamed ids show their number."""
+    out = []
+    for i in sorted({int(i) for i in ids if int(i) > 0}):
+        r, g, b = _rgb255(i)
+        out.append((i, (names or {}).get(i, str(i)), f"#{r:02x}{g:02x}{b:02x}"))
+    return out
+
+
+def _label_legend(fig: Figure, ids: Iterable[int], names: dict[int, str]) -> None:
+    """A figure legend of the named classes among `ids`, in the overlay's colours."""
     from matplotlib.patches import Patch
 
-    shown = set()
-    for cut in range(3):
-        sl = [slice(None)] * 3
-        sl[cut] = point[cut]
-        shown |= set(np.unique(lab[tuple(sl)]).tolist())
-    colours = _label_colours()
-    handles = [Patch(facecolor=colours[(i - 1) % len(colours)], alpha=0.6, label=names[i])
-               for i in sorted(shown) if i > 0 and i in names]
+    handles = [Patch(facecolor=colour, alpha=0.6, label=name)
+               for i, name, colour in label_legend(ids, names) if i in names]
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
+
+
+def legend_html(ids: Iterable[int], names: dict[int, str] | None) -> str:
+    """The `label_legend` as HTML swatches, shown under the 3-D viewer (NiiVue draws no legend itself)."""
+    from html import escape
+
+    items = "".join(
+        f'<span style="display:inline-block;margin:0 12px 2px 0;white-space:nowrap">'
+        f'<span style="display:inline-block;width:12px;height:12px;background:{colour};'
+        f'vertical-align:middle;margin-right:4px;border:1px solid #444"></span>{escape(name)}</span>'
+        for _, name, colour in label_legend(ids, names))
+    return f'<div class="voco-label-legend" style="font-size:12px;line-height:1.6">{items}</div>'
 
 
 # ------------------------------------------------------------------------------------------------ grid maps
@@ -293,11 +325,13 @@ def box_class_fractions(label: Any, box: Any, names: dict[int, str] | None = Non
 
 def crop_across_subjects(images: Sequence[Any], box: Any, spacing: Spacing | Sequence[Spacing] = (1.0, 1.0, 1.0),
                          labels: Sequence[Any] | None = None, names: Sequence[str] | None = None,
-                         grid_boxes: Any = None, fig: Figure | None = None) -> Figure:
+                         grid_boxes: Any = None, fig: Figure | None = None,
+                         label_names: dict[int, str] | None = None) -> Figure:
     """The same crop box on the axial and coronal slices of several subjects: VoCo's prior made visible.
 
     Because anatomy is laid out consistently, a fixed position in the region tends to hold the same organs
     in every subject (the overlaid label colours), which is what makes position predictable from content.
+    With `label_names` a legend names the classes shown in the slices.
     """
     n = len(images)
     b = _boxes(box)[0]
@@ -305,11 +339,14 @@ def crop_across_subjects(images: Sequence[Any], box: Any, spacing: Spacing | Seq
     sps = np.broadcast_to(np.asarray(spacing, np.float64).reshape(-1, 3), (n, 3))  # one spacing, or one per subject
     fig = fig or Figure(figsize=(3.3 * n, 6.4), layout="constrained")
     axes = fig.subplots(2, n, squeeze=False)
+    shown: set[int] = set()
     for c in range(n):
         img = to_numpy(images[c]).astype(np.float32)
         lab = to_numpy(labels[c]).astype(np.int64) if labels is not None else None
         lo, hi = np.percentile(img, [1, 99])
         sp = sps[c]
+        if lab is not None:
+            shown |= _ids_in_slices(lab, point, (_PLANES["axial"]["cut"], _PLANES["coronal"]["cut"]))
         for r, plane in enumerate(("axial", "coronal")):
             ax = axes[r, c]
             p = _PLANES[plane]
@@ -325,6 +362,8 @@ def crop_across_subjects(images: Sequence[Any], box: Any, spacing: Spacing | Seq
                 _rect(ax, g, plane, sp, GRID_COLOR, 0.8, True)
             _rect(ax, b, plane, sp, CROP_COLOR, 2.0, True)
             _setup_axes(ax, plane, extent, (names[c] if names else f"subject {c}") if r == 0 else None)
+    if label_names:
+        _label_legend(fig, shown, label_names)
     return fig
 
 
@@ -454,9 +493,8 @@ def headless() -> bool:
 
 def _label_lut(n: int, names: dict[int, str] | None = None) -> dict[str, Any]:
     """NiiVue label colour table with the same colours as the matplotlib figures."""
-    colours = _label_colours()
     ids = list(range(n + 1))
-    rgb = [(0, 0, 0)] + [tuple(int(255 * c) for c in colours[(i - 1) % len(colours)]) for i in ids[1:]]
+    rgb = [(0, 0, 0)] + [_rgb255(i) for i in ids[1:]]
     return {"R": [c[0] for c in rgb], "G": [c[1] for c in rgb], "B": [c[2] for c in rgb],
             "A": [0] + [255] * n, "I": ids, "labels": [(names or {}).get(i, str(i)) for i in ids]}
 
@@ -469,7 +507,9 @@ def view3d(image: Any, label: Any = None, boxes: Any = None, backend: str = "nii
     backend "niivue" (default): an ipyniivue widget, volumes passed as in-memory NIfTI bytes; "itk": itkwidgets
     (optional extra; refused in headless runs, where it hangs); "static": the `plane_views` figure. Without a
     Jupyter kernel or without ipyniivue the static figure is returned. Volumes larger than `max_size` voxels
-    per axis are subsampled for the viewer (software WebGL renders big volumes slowly).
+    per axis are subsampled for the viewer (software WebGL renders big volumes slowly). With a label map the
+    NiiVue widget comes in an `ipywidgets.VBox` with a legend (`legend_html`) of the classes it shows; the
+    static figure has the same legend (`label_names`).
     """
     img = to_numpy(image).astype(np.float32)
     lab = None if label is None else to_numpy(label).astype(np.uint8)
@@ -490,7 +530,8 @@ def view3d(image: Any, label: Any = None, boxes: Any = None, backend: str = "nii
                           stacklevel=2)
             backend = "static"
     if backend == "static":
-        return plane_views(img, spacing, crop_boxes=bxs, label=lab, title="static view (no widget frontend)")
+        return plane_views(img, spacing, crop_boxes=bxs, label=lab, title="static view (no widget frontend)",
+                           label_names=label_names)
 
     step = max(1, math.ceil(max(img.shape) / max_size))
     sp = np.asarray(spacing, np.float64) * step
@@ -499,7 +540,12 @@ def view3d(image: Any, label: Any = None, boxes: Any = None, backend: str = "nii
     box_s = np.stack([bxs[..., 0] // step, -(-bxs[..., 1] // step)], -1) if len(bxs) else bxs
     if backend == "itk":
         return _view_itk(img_s, lab_s, box_s, sp)
-    return _view_niivue(img_s, lab_s, box_s, sp, height, label_names)
+    nv = _view_niivue(img_s, lab_s, box_s, sp, height, label_names)
+    if lab_s is None or not lab_s.any():
+        return nv
+    import ipywidgets as W
+
+    return W.VBox([nv, W.HTML(legend_html(np.unique(lab_s).tolist(), label_names))])
 
 
 def _view_niivue(img, lab, boxes, sp, height, label_names):
