@@ -135,7 +135,8 @@ def small_crop_study(seconds: float, feature_size: int = 12) -> None:
 
     Proxy task (self-contained, no data download): one smooth random volume (64×64×32 region, 2×2×1 grid of
     32³ base crops); a random 32³ crop's label is the fraction of it inside each base crop (VoCo's position
-    label, Luffy03/Large-Scale-Medical Self-supervised/utils/voco_trans.py:L80-145); encoder.embed -> Linear -> softmax, soft cross-entropy. Same seed, batch 4, AdamW 1e-4,
+    label, Luffy03/Large-Scale-Medical Self-supervised/utils/voco_trans.py:L80-145); encoder.embed -> Linear ->
+    softmax, soft cross-entropy. Same seed, batch 4, AdamW 1e-4,
     for `seconds` of process CPU time each; the held-out loss of 32 fixed crops is printed as it falls.
     """
     import torch

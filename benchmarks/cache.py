@@ -1,7 +1,8 @@
 """Bytes per cached volume: our compact cache against MONAI PersistentDataset's float32 pickles (upstream).
 
 Upstream caches every preprocessed volume as a pickled float32 tensor (and, for labelled sets, the
-label too, which pretraining then discards): about 30 TB for PreCT-160K (Luffy03/Large-Scale-Medical README.md). Target: <= 0.5x.
+label too, which pretraining then discards): about 30 TB for PreCT-160K (Luffy03/Large-Scale-Medical README.md).
+Target: <= 0.5x.
 Rows: MONAI PersistentDataset as measured, an ideal float32 pickle of the cropped image (the ratio column's
 reference), and our uint16 (default for CT) and uint8 stores.
 One 160x160x128 phantom at 1.5 mm through the abdomen chain; the same process measures both caches.

@@ -19,7 +19,8 @@ from voco_lib.crops import grid_boxes, make_views, overlap_labels, random_boxes
 
 def monai_reference(region: MetaTensor, rng: np.random.RandomState, generator: torch.Generator):
     """One dictionary Compose per crop (crop, 3 flips, rot90, shift) on the loaded MetaTensor, as upstream
-    builds its 9 + S crops (Luffy03/Large-Scale-Medical Self-supervised/utils/voco_trans.py:L55-64, L89-100, commit 1ad538b)."""
+    builds its 9 + S crops (Luffy03/Large-Scale-Medical Self-supervised/utils/voco_trans.py:L55-64, L89-100, commit
+    1ad538b)."""
     cfg = PRESETS["tpami"]
     bases, rand = grid_boxes(cfg.region, cfg.grid), random_boxes(cfg.region, cfg.crop_size, cfg.n_random, generator)
     crops = []

@@ -37,7 +37,8 @@ def released_file(tmp_path_factory, monai_encoder):
 
 
 def _monai_embedding(net: SwinUNETR, x: torch.Tensor) -> torch.Tensor:
-    """VoCo's pooled embedding computed with MONAI's own modules (Luffy03/Large-Scale-Medical Self-supervised/models/voco_head.py:L180-205): the reference."""
+    """VoCo's pooled embedding computed with MONAI's own modules (Luffy03/Large-Scale-Medical
+    Self-supervised/models/voco_head.py:L180-205): the reference."""
     with torch.no_grad():
         h = net.swinViT(x, net.normalize)
         maps = [net.encoder1(x), net.encoder2(h[0]), net.encoder3(h[1]), net.encoder4(h[2]), net.encoder10(h[4])]

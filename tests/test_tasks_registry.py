@@ -1,4 +1,5 @@
-"""The downstream task registry: every manifest validates, covers Luffy03/Large-Scale-Medical Downstream/README.md, and bad manifests fail clearly."""
+"""The downstream task registry: every manifest validates, covers Luffy03/Large-Scale-Medical Downstream/README.md,
+and bad manifests fail clearly."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import yaml
 
 from voco_lib.tasks.registry import TYPES, PhantomSpec, Task, list_tasks, load_task, task_from_dict
 
-# Every row of Luffy03/Large-Scale-Medical Downstream/README.md (commit 1ad538b; rows holding several tasks expanded), plus the 5 phantom analogs.
+# Every row of Luffy03/Large-Scale-Medical Downstream/README.md (commit 1ad538b; rows holding several tasks
+# expanded), plus the 5 phantom analogs.
 SPEC_ROWS = {
     "btcv", "amos", "word", "flare22", "flare23", "abdomen1k", "abdomenatlas", "totalsegmentator", "mmwhs", "asoca",
     "aorta", "chaos", "sliver07", "ircadb", "kits", "kipa", "tcia-panc", "panorama", "segthor", "bhsd", "structseg19",

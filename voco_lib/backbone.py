@@ -1,7 +1,8 @@
 """The Swin encoder of SwinUNETR-v2 as a readable model, with MONAI's parameter names.
 
 Same maths as `monai.networks.nets.SwinUNETR(use_v2=True)`'s encoder (swinViT + encoder1/2/3/4/10), so
-MONAI and released VoCo state dicts load strictly both ways (Luffy03/Large-Scale-Medical Self-supervised/models/voco_head.py:L58-129, commit 1ad538b): a patch embedding, four
+MONAI and released VoCo state dicts load strictly both ways (Luffy03/Large-Scale-Medical
+Self-supervised/models/voco_head.py:L58-129, commit 1ad538b): a patch embedding, four
 stages of Swin blocks each after a residual conv block, the encoder conv blocks, and (for segmentation)
 MONAI's decoder. The patch embedding, patch merging and MLP are MONAI's own modules; the conv blocks are
 MONAI's modules (same names) with a faster forward of the same maths.
@@ -181,7 +182,8 @@ def _channel_norm(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ models
 class SwinEncoder(nn.Module):
-    """SwinViT + SwinUNETR's encoder1/2/3/4/10 blocks: VoCo's backbone (Luffy03/Large-Scale-Medical Self-supervised/models/voco_head.py:L58-129, L180-205, commit 1ad538b).
+    """SwinViT + SwinUNETR's encoder1/2/3/4/10 blocks: VoCo's backbone (Luffy03/Large-Scale-Medical
+    Self-supervised/models/voco_head.py:L58-129, L180-205, commit 1ad538b).
 
     `forward(x)` returns the five maps the SSL head uses (encoder1, 2, 3, 4, 10 outputs); `embed(x)` their
     global average pools concatenated, 24·feature_size values per crop.

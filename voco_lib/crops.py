@@ -2,7 +2,8 @@
 
 Pure tensor code. Boxes are per-axis half-open voxel intervals [start, stop), as tensors of shape
 (..., ndim, 2). A random crop's label vector says which fraction of its volume lies in each base crop;
-VoCo trains the network to predict it from embeddings alone (Luffy03/Large-Scale-Medical Self-supervised/utils/voco_trans.py:L80-145, commit 1ad538b).
+VoCo trains the network to predict it from embeddings alone (Luffy03/Large-Scale-Medical
+Self-supervised/utils/voco_trans.py:L80-145, commit 1ad538b).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def extract(region: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Augmentation:
-    """Per-crop draws of the authors' chain (Luffy03/Large-Scale-Medical Self-supervised/utils/voco_trans.py:L55-64, L89-100, commit 1ad538b): RandFlip p=0.2 on each axis, then RandRotate90
+    """Per-crop draws of the authors' chain (Luffy03/Large-Scale-Medical
+    Self-supervised/utils/voco_trans.py:L55-64, L89-100, commit 1ad538b): RandFlip p=0.2 on each axis, then
+    RandRotate90
     p=0.2 with k ∈ {1,2,3} in the axial plane, then RandShiftIntensity ±0.1 with p=0.5."""
 
     flips: torch.Tensor  # (N, 3) bool

@@ -3,9 +3,11 @@
 `load_explorer_model(checkpoint)` tells the two kinds apart by what they hold:
 
 - a run of ours (its directory, or a `checkpoints/step_*.pt`) has trained projection heads, so the
-  prediction is VoCo's own P = ReLU(cos(student(random crop), teacher(base crop))) (Luffy03/Large-Scale-Medical Self-supervised/models/voco_head.py:L259-336, commit 1ad538b);
+  prediction is VoCo's own P = ReLU(cos(student(random crop), teacher(base crop))) (Luffy03/Large-Scale-Medical
+  Self-supervised/models/voco_head.py:L259-336, commit 1ad538b);
 - a released `VoCo_*_SSL_head.pt` (or `VoComni_*.pt`, or the `encoder.pt` a run exports) holds the backbone
-  only (their sizes on Hugging Face Luffy503/VoCo match the encoder's parameters; Luffy03/Large-Scale-Medical issue #40): there is no trained position predictor in it. What can be shown honestly is the
+  only (their sizes on Hugging Face Luffy503/VoCo match the encoder's parameters; Luffy03/Large-Scale-Medical issue
+  #40): there is no trained position predictor in it. What can be shown honestly is the
   same formula on the raw pooled backbone embeddings (24·feature_size values per crop, voco_head.py:L180-205),
   ReLU(cos(e(random crop), e(base crop))): how alike the backbone finds the crops, not a trained
   prediction. `fit_probe` adds a per-volume linear probe (ridge regression from embeddings to overlap
@@ -31,7 +33,8 @@ from voco_lib.losses import similarity
 EMBED_KEY = "swinViT.patch_embed.proj.weight"  # (feature_size, in_channels, 2, 2, 2) in every SwinUNETR
 RUN_KEYS = {"model", "config", "step"}  # a full-state checkpoint written by voco_lib.pretrain
 ENCODER_VIEWS = ("auto", "tpami", "cvpr", "profile")
-# the data settings of the authors' TPAMI abdomen recipe (1.5 mm, random 192x192x64 region; Luffy03/Large-Scale-Medical Self-supervised/utils/data_trans.py:L61-88):
+# the data settings of the authors' TPAMI abdomen recipe (1.5 mm, random 192x192x64 region;
+# Luffy03/Large-Scale-Medical Self-supervised/utils/data_trans.py:L61-88):
 # DataConfig's defaults, which the smoke/cpu profiles replace with small resized phantoms
 _RECIPE_DATA = ("chain", "region_mode", "phantom_shape", "phantom_spacing")
 

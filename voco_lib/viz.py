@@ -11,7 +11,8 @@ Conventions, so every figure reads like a radiology screen:
 
 `view3d` is the interactive viewer: ipyniivue (NiiVue as an anywidget, JavaScript bundled, works offline in
 JupyterLab 4 and never blocks papermill/nbval) by default; itkwidgets only when asked for and never in
-headless runs (it hangs papermill and hides failing cells from nbval; seen with itkwidgets under papermill); a static figure when
+headless runs (it hangs papermill and hides failing cells from nbval; seen with itkwidgets under papermill); a
+static figure when
 there is no Jupyter kernel or no widget package.
 """
 

@@ -1,8 +1,10 @@
 """Compact on-disk cache of preprocessed volumes, so a second epoch does no loading or resampling.
 
 Why not MONAI's PersistentDataset as upstream used it: it pickles float32 tensors plus metadata (the
-authors needed about 30 TB of cache for 160K volumes, Luffy03/Large-Scale-Medical README.md) and keys entries on the data dict only,
-so a changed HU window or spacing silently reuses stale entries (MONAI `PersistentDataset` hashes the data dict only unless `hash_transform` is given). Here:
+authors needed about 30 TB of cache for 160K volumes, Luffy03/Large-Scale-Medical README.md) and keys entries on
+the data dict only,
+so a changed HU window or spacing silently reuses stale entries (MONAI `PersistentDataset` hashes the data dict
+only unless `hash_transform` is given). Here:
 
 - the key is the file's sha256 plus a hash of every chain setting and the storage format;
 - CT chains produce [0, 1]; they are stored as uint16 (value * 65535, error <= 7.7e-6, i.e. 0.003 HU in

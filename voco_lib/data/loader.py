@@ -6,7 +6,8 @@ Why it looks like this:
   number of workers, on which process loads it, or on a restart (upstream drew from the unseeded global
   `np.random`, Luffy03/Large-Scale-Medical Self-supervised/voco_train.py sets no seed).
 - The order is infinite and a pure function of the step: per epoch a `DistributedSampler` permutation
-  (`set_epoch` is called for every epoch; Luffy03/Large-Scale-Medical Self-supervised/voco_train.py never calls it); a micro-batch that
+  (`set_epoch` is called for every epoch; Luffy03/Large-Scale-Medical Self-supervised/voco_train.py never calls
+  it); a micro-batch that
   runs past the end of an epoch continues into the next one. Its state is one integer, checkpointed.
 - Gradient accumulation and data parallelism are the same thing to the order: micro-batch `a` of rank `r`
   reads "virtual replica" v = a·world + r of a `DistributedSampler` with world·accum replicas. One process

@@ -1,7 +1,8 @@
 """Per-anatomy preprocessing (MONAI dictionary transforms) and the pretraining region sampler.
 
 Two explicit stages, where upstream hid the boundary behind a dummy `RandShiftIntensityd(prob=0)`
-(Luffy03/Large-Scale-Medical Self-supervised/utils/data_trans.py:L81, commit 1ad538b): a deterministic chain (load and check -> RAS -> spacing -> intensity -> foreground
+(Luffy03/Large-Scale-Medical Self-supervised/utils/data_trans.py:L81, commit 1ad538b): a deterministic chain (load
+and check -> RAS -> spacing -> intensity -> foreground
 crop -> pad), whose output `voco_lib.data.cache` stores on disk, and `sample_region`, the random part
 that runs every time (random crop of a padded volume, or resize of the whole volume).
 

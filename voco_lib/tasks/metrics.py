@@ -132,7 +132,8 @@ def multilabel_metrics(probs: torch.Tensor | np.ndarray, labels: torch.Tensor | 
                        threshold: float = 0.5) -> dict[str, object]:
     """Per-finding AUC and F1 of (N, F) probabilities against (N, F) 0/1 labels, their means, accuracy at `threshold`.
 
-    The CT-RATE vocabulary evaluation (per-pathology AUC, Luffy03/Large-Scale-Medical Downstream/monai/CT_CLIP). AUC is NaN for a finding whose
+    The CT-RATE vocabulary evaluation (per-pathology AUC, Luffy03/Large-Scale-Medical Downstream/monai/CT_CLIP).
+    AUC is NaN for a finding whose
     labels are all equal, F1 NaN for one with no positive label and no positive prediction; means skip NaNs
     (NaN if all are). `accuracy` and `f1_micro` pool all (volume, finding) decisions.
     """

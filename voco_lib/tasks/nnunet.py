@@ -1,4 +1,5 @@
-"""The nnU-Net v2 path (Luffy03/Large-Scale-Medical Downstream/nnUNet, commit 1ad538b): export a task's datalist as an nnU-Net raw dataset, the commands, a weight check.
+"""The nnU-Net v2 path (Luffy03/Large-Scale-Medical Downstream/nnUNet, commit 1ad538b): export a task's datalist as
+an nnU-Net raw dataset, the commands, a weight check.
 
 Upstream trains VerSe20 and AutoPET-II inside a vendored copy of nnU-Net v2 with its own trainers. We do not
 vendor nnU-Net: `export_dataset` writes `DatasetXXX_Name/` (imagesTr/{case}_{channel:04d}.nii.gz, labelsTr/

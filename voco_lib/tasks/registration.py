@@ -1,6 +1,8 @@
 """Deformable registration: a Swin network predicts a displacement field, MONAI's Warp applies it.
 
-The TransMorph-style setup the paper uses for OASIS/IXI (Luffy03/Large-Scale-Medical Downstream/monai/Registration/OASIS/TransMorph/train_pre_swin.py:L87-96, commit 1ad538b): moving and fixed image as two input
+The TransMorph-style setup the paper uses for OASIS/IXI (Luffy03/Large-Scale-Medical
+Downstream/monai/Registration/OASIS/TransMorph/train_pre_swin.py:L87-96, commit 1ad538b): moving and fixed image as
+two input
 channels of SwinUNETR (our encoder; the decoder outputs 3 channels: a displacement in voxels, zero at
 start, i.e. the identity), loss = image similarity (MSE, or LNCC for MRI) + λ · diffusion smoothness.
 Scored by the Dice of the warped moving labels against the fixed labels and the % of folding voxels.

@@ -1,6 +1,7 @@
 """The downstream task registry: one YAML file per task in `data_manifests/tasks/`, validated by a JSON schema.
 
-The authors ship one copied folder per task (Luffy03/Large-Scale-Medical Downstream/monai/<Task>/, commit 1ad538b); here a task is data (dataset, classes, roi,
+The authors ship one copied folder per task (Luffy03/Large-Scale-Medical Downstream/monai/<Task>/, commit 1ad538b);
+here a task is data (dataset, classes, roi,
 spacing, intensity, recipe, metric, split, the paper's numbers with provenance) and the code is one path
 per task type (`voco_lib.tasks.segmentation`, `classification`, `registration`, `vision_language`).
 """
@@ -41,7 +42,8 @@ class Task:
     """One downstream task, as its manifest says, with the manifest's defaults resolved here and only here.
 
     The `recipe` values are the authors' fine-tuning settings; where a manifest leaves one out (null), the
-    default below stands in: lr 3e-4 (upstream's fine-tuning lr, Luffy03/Large-Scale-Medical Downstream/monai/BTCV/main.py), 100 epochs, no warmup.
+    default below stands in: lr 3e-4 (upstream's fine-tuning lr, Luffy03/Large-Scale-Medical
+    Downstream/monai/BTCV/main.py), 100 epochs, no warmup.
     `raw` keeps the whole manifest for provenance (results.json) and the nnU-Net export.
     """
 

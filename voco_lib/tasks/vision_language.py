@@ -6,7 +6,8 @@ trained from scratch on the task's reports: a word tokenizer fitted on the train
 transformer (or a bag of words). `finetune.text_encoder=package.module:factory` plugs in another one;
 the factory is called as `factory(reports=training_reports, dim=256)`.
 Phantom analog: reports written from the phantom's attributes (organ sizes against the training cohort,
-lesion organ and side); upstream: CT-RATE retrieval (CT-CLIP) and CTRG-Chest (M2KT), Luffy03/Large-Scale-Medical Downstream/monai/CT_CLIP and M2KT (commit 1ad538b).
+lesion organ and side); upstream: CT-RATE retrieval (CT-CLIP) and CTRG-Chest (M2KT), Luffy03/Large-Scale-Medical
+Downstream/monai/CT_CLIP and M2KT (commit 1ad538b).
 Real data: an MSD-style datalist whose entries carry a `report` string beside `image`.
 
 The task manifest's `vision_language` section picks the mode and the vocabulary:
