@@ -11,13 +11,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+from voco_lib.config import resolve
 from voco_lib.data.cache import load_preprocessed
 from voco_lib.data.phantom import write_phantoms
 from voco_lib.data.preprocess import preprocess
 from voco_lib.estimate import (cli_estimate, datalist_cost, entry_geometry, estimate, gridded_shape, header_geometry,
                                modelled_step, npy_bytes)
-from voco_lib.config import resolve
+from voco_lib.methods import get_method
 
 
 def _datalist(folder: Path, images: list[str]) -> Path:
@@ -116,6 +118,11 @@ def test_step_model_scales_with_the_batch():
     f2, m2 = modelled_step(resolve("smoke", ["batch_size=2"]))
     assert f1 > 1e9 and f2 == pytest.approx(2 * f1, rel=0.02)
     assert m1 < m2 < 2 * m1
+    # amsgrad keeps a third float32 AdamW state per trainable parameter; activations are unchanged
+    _, m_plain = modelled_step(resolve("smoke", ["batch_size=1", "train.amsgrad=false"]))
+    with torch.device("meta"):
+        model = get_method("voco").build_model(resolve("smoke"))
+    assert m1 - m_plain == 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_phantom_estimate_and_cli_json(tmp_path, capsys):
