@@ -15,6 +15,7 @@ import torch
 
 from voco_lib.config import resolve
 from voco_lib.data.cache import load_preprocessed
+from voco_lib.data.loader import datalist_images
 from voco_lib.data.phantom import write_phantoms
 from voco_lib.data.preprocess import preprocess
 from voco_lib.estimate import (cli_estimate, datalist_cost, entry_geometry, estimate, gridded_shape, header_geometry,
@@ -141,3 +142,19 @@ def test_phantom_estimate_and_cli_json(tmp_path, capsys):
                       + (v.n_random + v.n_bases) * int(np.prod(v.crop_size)))
     assert e["loader_ram_bytes"] == resident + cfg.batch_size * per_sample  # workers=0: one batch in flight
     assert e["step_memory_how"] == "modelled" and e["wall_seconds"] == {"1": None, "8": None}
+
+
+@pytest.mark.slow
+def test_cache_bytes_equal_what_the_cache_writes_for_the_sample_cts(samples_data_dir, tmp_path):
+    """Real CTs (the fetched samples): the chain-based estimate is the cache's bytes; the header one bounds them."""
+    datalist = samples_data_dir / "samples" / "dataset.json"
+    cfg = resolve("smoke", ["data.n_eval=0"])
+    images = [str(p) for p in datalist_images(datalist, "training")][:2]
+    sub = _datalist(tmp_path, images)
+    exact = datalist_cost(str(sub), cfg, sample=64, seed=0, exact=True)
+    header = datalist_cost(str(sub), cfg, sample=64, seed=0, exact=False)
+    cache = tmp_path / "cache"
+    for p in images:
+        load_preprocessed(p, cfg.data.chain, cache)
+    assert exact.cache_bytes == _cache_files_bytes(cache)
+    assert header.cache_bytes >= exact.cache_bytes
