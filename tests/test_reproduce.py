@@ -197,3 +197,39 @@ def test_a_killed_grid_reruns_only_the_missing_cells(tmp_path):
     assert prov["cells_reused"] == 1 and prov["cells_run"] == 3
     assert all(c["status"] == "ok" and c["key"] for c in prov["cells"])
     assert not list(out.rglob("*.partial.ipynb"))
+
+
+def test_scaling_points_axes_and_fit_from_a_hand_made_grid(tmp_path):
+    """Pre-training runs with known held-out errors along both axes: the points carry them, each axis passes
+    through the shared point, and the pretext fit along the data axis recovers the exponent we put in."""
+    from types import SimpleNamespace
+
+    from voco_lib.reproduce import scaling
+    from voco_lib.reproduce.execute import pretrain_plan
+
+    t = load_table("scaling")
+    law = lambda x: 2.0 * x ** -0.5 + 0.1  # noqa: E731  (the truth the fit must find)
+    for row in (r for r in t.rows if r.init == "pretrain"):
+        overrides, key = pretrain_plan(row, t, "smoke")
+        volumes = int([o for o in overrides if o.startswith("n_volumes=")][0].split("=")[1])
+        run = tmp_path / "pretrain" / f"{row.name}-{key}"
+        run.mkdir(parents=True)
+        lines = [{"kind": "train", "step": 5, "loss": 1.0, "perf": {"step_s": 0.5, "cpu_maxrss_gb": 1.0}},
+                 {"kind": "train", "step": 10, "loss": 1.0, "perf": {"step_s": 1.0, "cpu_maxrss_gb": 2.0}},
+                 {"kind": "eval", "step": 10, "top1": 0.5, "mae": law(volumes), "chance": 0.25}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    entries = [render.Entry(r.name, "frozen", "n=1", values={0: 0.4, 1: 0.6}) for r in t.rows]
+    rep = SimpleNamespace(table=t, profile="smoke", store=tmp_path, entries=entries)
+    pts = {p.row: p for p in scaling.points(rep, flops=False)}
+    assert set(pts) == {r.name for r in t.rows if r.init == "pretrain"}
+    assert pts["f24-v16"].feature_size == 24 and pts["f24-v16"].volumes == 16
+    assert pts["f24-v16"].params > pts["f12-v16"].params
+    assert pts["f12-v4"].train_s == 5 * 0.5 + 5 * 1.0 and pts["f12-v4"].peak_gb == 2.0
+    assert math.isclose(pts["f12-v4"].dice, 0.5) and math.isclose(pts["f12-v4"].pretext_error, law(4))
+    params_axis = scaling.axis(list(pts.values()), "params")
+    assert [p.feature_size for p in params_axis] == [12, 24, 36, 48] and {p.volumes for p in params_axis} == {16}
+    data_axis = scaling.axis(list(pts.values()), "volumes")
+    assert [p.volumes for p in data_axis] == [4, 8, 16, 32]
+    f = scaling.fit(data_axis, "volumes", "pretext_error")
+    assert math.isclose(f.alpha, 0.5, rel_tol=1e-3) and math.isclose(f.c, 0.1, abs_tol=1e-3)
+    assert "no fit" in scaling.fit(data_axis[:3], "volumes", "pretext_error")  # three points: refused, said why

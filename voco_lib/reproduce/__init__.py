@@ -35,6 +35,7 @@ class Report:
     table: Table
     profile: str
     out: Path
+    store: Path  # where the cells and pre-training runs are kept
     outcomes: list[Outcome]
     entries: list[render.Entry]
     markdown: str
@@ -149,7 +150,7 @@ def _run_locked(t: Table, profile: str, seeds: Sequence[int] | None, workers: in
     ran = {p.cell: o for p, o in zip(todo, run_pool([_job(p, profile, store, log) for p in todo], workers))}
     outcomes = [_outcome(p, ran, store, failed_rows) for p in cells]
     reused = sum(p.state == "done" for p in cells)
-    return _render(t, profile, out, outcomes, seeds, (len(todo), reused), time.time() - t0, pretrain_dirs)
+    return _render(t, profile, out, store, outcomes, seeds, (len(todo), reused), time.time() - t0, pretrain_dirs)
 
 
 def _job(p: Planned, profile: str, store: Path, log: Callable[[str], None]) -> Callable[[dict[str, str]], Outcome]:
@@ -173,7 +174,7 @@ def _outcome(p: Planned, ran: dict[Cell, Outcome], store: Path, failed_rows: dic
     return Outcome(p.cell, p.state, p.reason, key=p.key)
 
 
-def _render(t: Table, profile: str, out: Path, outcomes: list[Outcome], seeds: Sequence[int] | None,
+def _render(t: Table, profile: str, out: Path, store: Path, outcomes: list[Outcome], seeds: Sequence[int] | None,
             counts: tuple[int, int],
             wall_s: float, pretrain_dirs: dict[str, tuple[Path, str]]) -> Report:
     from voco_lib.viz import write_png
@@ -188,7 +189,7 @@ def _render(t: Table, profile: str, out: Path, outcomes: list[Outcome], seeds: S
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         print(f"voco reproduce: {len(failed)} cell(s) failed, first: {failed[0].cell.slug}: {failed[0].reason}")
-    return Report(t, profile, out, outcomes, entries, md, files)
+    return Report(t, profile, out, store, outcomes, entries, md, files)
 
 
 def provenance(t: Table, profile: str, outcomes: Sequence[Outcome], seeds: Sequence[int] | None,
