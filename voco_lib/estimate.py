@@ -44,7 +44,7 @@ from voco_lib.config import Profile, resolve
 from voco_lib.crops import Views, collate_views, make_views
 from voco_lib.data.cache import CACHE_VERSION, store_dtype_for
 from voco_lib.data.loader import EVAL_SEED_OFFSET, PhantomVolumes, ViewsDataset, datalist_images, views_to
-from voco_lib.data.manifests import datalist_file
+from voco_lib.data.manifests import data_dir, datalist_file
 from voco_lib.data.preprocess import _RAS_LABELS, Chain, get_chain, preprocess
 from voco_lib.data.volumes import NIFTI_SUFFIXES, dicom_source
 from voco_lib.files import write_text
@@ -188,6 +188,10 @@ def phantom_cost(cfg: Profile, sample: int, seed: int) -> DataCost:
 
 def datalist_cost(data: str, cfg: Profile, sample: int, seed: int, exact: bool) -> DataCost:
     """Cache bytes of a datalist's training + held-out volumes, from a seeded sample of their headers (or data)."""
+    if data == "samples":  # what `voco pretrain --data samples` reads; the estimate does not download it
+        data = str(data_dir() / "samples" / "dataset.json")
+        if not Path(data).is_file():
+            raise FileNotFoundError(f"{data}: the sample CTs are not fetched yet; run `voco fetch samples` first")
     path = datalist_file(data)
     paths = list(dict.fromkeys(str(p) for p in [*datalist_images(path, "training"),
                                                   *datalist_images(path, "validation")[: cfg.data.n_eval]]))
