@@ -138,9 +138,12 @@ def _add_run_commands(sub: Any) -> None:
                                         "wall time per GPU count (headers only; a sample of a large datalist)")
     s.add_argument("--data", default="phantom", help="phantom | an MSD-style datalist JSON")
     s.add_argument("--profile", default=None, help="smoke | cpu | gpu | paper (not given: $VOCO_PROFILE, else cpu)")
-    s.add_argument("--sample", type=int, default=64, help="volumes whose headers are read for the shapes "
-                                                         "(the rest extrapolated)")
-    s.add_argument("--exact", action="store_true", help="read every volume's header (slower on huge datalists)")
+    s.add_argument("--sample", type=int, default=64, help="volumes whose headers are read for the shapes (the rest "
+                                                         "extrapolated; N ≥ the datalist's size reads every header)")
+    s.add_argument("--exact", action="store_true", help="run the preprocessing chain on the sampled volumes: the "
+                   "cache's exact bytes (reads voxels, slower); default: headers only, an upper bound")
+    s.add_argument("--no-measure", dest="measure", action="store_const", const=False, default=None,
+                   help="do not time real steps (FLOPs and memory are still modelled)")
     s.add_argument("--json", default=None, help="also write the estimate as JSON to this file")
     s.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. feature_size=96 steps=100000)")
     s.set_defaults(func=_handler("voco_lib.estimate:cli_estimate"))
