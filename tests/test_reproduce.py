@@ -46,7 +46,7 @@ def test_phantom_tables_expand_to_every_row_budget_protocol_and_seed():
     assert {c.init for c in cells} == {"scratch", "pretrain:voco"}
     frozen = [c for c in cells if c.protocol == "frozen"]
     assert len(frozen) == 18
-    assert all("finetune.protocol=frozen" in c.overrides and "finetune.steps=300" in c.overrides for c in frozen)
+    assert all("finetune.protocol=frozen" in c.overrides and "finetune.steps=60" in c.overrides for c in frozen)
     assert len(expand(t, "cpu", seeds=[5])) == len(cells) // 3
     methods = expand(load_table("phantom-methods"), "cpu")
     assert len(methods) == 5 * 2 * 2 * 3 and {c.n_labeled for c in methods} == {1, 4}
