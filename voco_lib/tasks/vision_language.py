@@ -315,7 +315,8 @@ class VisionLanguageRunner(Runner):
             idx = torch.randperm(self.n_train, generator=g)[: min(b, self.n_train)].tolist()
         else:
             idx = torch.randint(self.n_train, (b,), generator=g).tolist()
-        x = torch.stack([random_flips([self.train[i]["image"]], g)[0] for i in idx]).to(self.ctx.device)
+        flips = [random_flips([self.train[i]["image"]], g, self.ctx.fc.flip_p)[0] for i in idx]
+        x = torch.stack(flips).to(self.ctx.device)
         return x, idx
 
     def loss(self, net: nn.Module, step: int, micro: int) -> torch.Tensor:
