@@ -62,9 +62,9 @@ def test_classification_improves(tmp_path):
                               "finetune.batch_size=4"])
     auc = _curve(res, "auc")
     assert auc[-1] > auc[0] and auc[-1] > 0.75, auc  # measured: 0.25 -> 1.00
-    # the ranking is learnt within 12 steps; the argmax threshold (accuracy) is not calibrated yet on the varied
-    # phantoms (accuracy 0.5 at AUC 1.0), so accuracy is only checked to be a valid fraction
-    assert 0 <= res["metrics"]["accuracy"] <= 1 and res["metrics"]["n_val"] == 4
+    # the ranking is learnt within 12 steps; the argmax threshold is not calibrated yet on the varied phantoms
+    # (accuracy 0.5 at AUC 1.0), so accuracy is not asserted
+    assert res["metrics"]["n_val"] == 4
 
 
 def test_registration_improves_without_folding(tmp_path):
