@@ -96,8 +96,7 @@ def _finish(method: Method, model: nn.Module, out: Path) -> None:
     from voco_lib.viz import plot_metrics
 
     method.export(model, out / "encoder.pt")
-    if method.name.startswith("voco"):  # viz.plot_metrics draws VoCo's position metrics (top1, mae)
-        plot_metrics(out / "metrics.jsonl", out / "figures")
+    plot_metrics(out / "metrics.jsonl", out / "figures")
 
 
 # ------------------------------------------------------------------------------------------------ API

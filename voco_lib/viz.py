@@ -418,14 +418,19 @@ def plot_metrics(metrics: str | Path | Iterable[dict[str, Any]], figures_dir: st
         ax_lr.plot(steps, [r.get("lr", math.nan) for r in train], color="tab:purple")
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate (warmup + cosine)")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    if evals:
-        es = [r["step"] for r in evals]
+    es = [r["step"] for r in evals]
+    if evals and "top1" in evals[0]:  # the VoCo family's position prediction
         ax_acc.plot(es, [r["top1"] for r in evals], "o-", label="top-1 position accuracy")
         ax_acc.plot(es, [r["mae"] for r in evals], "s-", label="mean |label − prediction|")
         ax_acc.axhline(evals[0].get("chance", math.nan), color="gray", linestyle="--", label="chance (1/K)")
         ax_acc.set_ylim(0, 1)
+        ax_acc.set(xlabel="step", title="held-out position prediction")
+    elif evals:  # another method: its own held-out pretext metrics
+        for key in (k for k, v in evals[0].items() if k not in ("kind", "step") and isinstance(v, (int, float))):
+            ax_acc.plot(es, [r.get(key, math.nan) for r in evals], "o-", label=key)
+        ax_acc.set(xlabel="step", title="held-out pretext metrics")
+    if evals:
         ax_acc.legend(fontsize=8)
-    ax_acc.set(xlabel="step", title="held-out position prediction")
     if figures_dir is not None:
         write_png(fig, Path(figures_dir) / "metrics.png")
     return fig
