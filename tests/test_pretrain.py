@@ -107,8 +107,9 @@ def test_same_seed_same_metrics(tmp_path):
 
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory):
+    """40 steps: on the varied phantoms 24 steps reached top-1 0.34 against chance 0.25 (loss and error falling)."""
     out = tmp_path_factory.mktemp("learn") / "run"
-    return run_pretraining("smoke", "phantom", out, ["steps=24", "train.eval_every=12", "train.checkpoint_every=12",
+    return run_pretraining("smoke", "phantom", out, ["steps=40", "train.eval_every=20", "train.checkpoint_every=20",
                                                       "train.warmup_steps=4", "n_volumes=8", "data.n_eval=4"],
                            show_progress=False)
 
