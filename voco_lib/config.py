@@ -364,7 +364,7 @@ class Profile:
         _at_least("steps", self.steps, 1)
 
 
-# Phantom runs: a whole torso at 3 mm (80x80x64 voxels) resized to the region (the TPAMI head/neck "resize"
+# Phantom runs: a torso scan range at 3 mm (80x80x64 voxels) resized to the region (the TPAMI head/neck "resize"
 # mode), so base crops are anatomical quadrants and position is learnable in minutes on a CPU. Per-crop
 # flips/rot90 are off there: with them, held-out position accuracy stayed at chance for 100+ steps (even
 # with a toy CNN encoder), without them a toy CNN reached 0.6-0.7 top-1 (chance 0.25) in 30 steps.

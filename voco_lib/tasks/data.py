@@ -1,7 +1,7 @@
 """Volumes for the downstream tasks: a task's deterministic MONAI chain, phantom cohorts, datalists.
 
 A task manifest names spacing and intensity; `task_chain` turns them into the same `preprocess.Chain` the
-pre-training uses, so a phantom task sees exactly what VoCo pre-training saw (whole torso, foreground
+pre-training uses, so a phantom task sees exactly what VoCo pre-training saw (the scanned torso section, foreground
 crop, resized to the roi: the phantom section's `resize_to_roi`), and a real task gets the authors'
 per-task chain (RAS -> spacing -> HU window or MRI z-score -> foreground crop -> pad to roi: Luffy03/Large-Scale-Medical
 Downstream/monai/BTCV/utils/data_utils.py:L73-83, commit 1ad538b).
