@@ -56,8 +56,8 @@ class Planned:
 
 
 def plan(table: Table, profile: str, store: Path, seeds: Sequence[int] | None = None,
-         data_root: str | Path | None = None, pretrain_dirs: dict[str, tuple[Path, str]] | None = None) -> list[Planned]:
-    """Every cell's state. Cells of a pre-training row that has not run yet get the key of the planned run."""
+         data_root: str | Path | None = None) -> list[Planned]:
+    """Every cell's state; a pre-training row's cells point at its run `STORE/pretrain/ROW-KEY` (trained or not)."""
     from voco_lib.tasks.registry import load_task
 
     rows, planned = {r.name: r for r in table.rows}, []
@@ -79,7 +79,7 @@ def plan(table: Table, profile: str, store: Path, seeds: Sequence[int] | None = 
             except ValueError as e:  # e.g. a method this checkout does not have
                 planned.append(Planned(cell, "not_run", reason=f"not run: pre-training {row.name}: {e}"))
                 continue
-            run = (pretrain_dirs or {}).get(row.name, (store / "pretrain" / f"{row.name}-{pkey}", pkey))[0]
+            run = store / "pretrain" / f"{row.name}-{pkey}"  # where ensure_pretrain trains it
             init, needs = str(run), f"notebook {cell.notebook}, pre-training run {run.name}"
         if datalist:
             needs += f", datalist {datalist}"
@@ -135,15 +135,14 @@ def _claim(out: Path, table: Table, profile: str) -> None:
 def _run_locked(t: Table, profile: str, seeds: Sequence[int] | None, workers: int, out: Path, store: Path,
                 data_root: str | Path | None, log: Callable[[str], None]) -> Report:
     t0 = time.time()
-    first = plan(t, profile, store, seeds, data_root)
-    needed = {p.cell.row for p in first if p.state == "todo" and p.cell.init.startswith("pretrain:")}
+    cells = plan(t, profile, store, seeds, data_root)
+    needed = {p.cell.row for p in cells if p.state == "todo" and p.cell.init.startswith("pretrain:")}
     pretrain_dirs, failed_rows = {}, {}
     for row in (r for r in t.rows if r.name in needed):
         try:
             pretrain_dirs[row.name] = ensure_pretrain(row, t, profile, store, log)
         except RuntimeError as e:
             failed_rows[row.name] = str(e)
-    cells = plan(t, profile, store, seeds, data_root, pretrain_dirs)
     todo = [p for p in cells if p.state == "todo" and p.cell.row not in failed_rows]
     log(f"voco reproduce {t.name} ({profile}): {len(cells)} cells, {sum(p.state == 'done' for p in cells)} done, "
         f"{len(todo)} to run, {sum(p.state == 'not_run' for p in cells)} not run; {workers} worker(s) -> {out}")
